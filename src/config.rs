@@ -1,0 +1,280 @@
+//! Configuration: every option is a flag and an environment variable (`--help` lists them with defaults).
+//!
+//! Parsing (clap) and checking (keys readable, URL well-formed) both happen here, before anything starts, so
+//! a mistake is one line on stderr and exit code 2 rather than a failure minutes later.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::auth::{Authenticator, JwtAlgorithm, JwtKey, JwtSettings};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nudge",
+    version,
+    about = "Relays 'something new happened' hints from PostgreSQL to WebSocket clients.",
+    after_help = "Durations are written like 250ms, 10s, 5m, 1h. Exit codes: 0 clean shutdown, 1 runtime failure, \
+                  2 configuration error."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub options: Options,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Run the relay (the default command).
+    Serve,
+    /// Apply the SQL migrations and exit.
+    Migrate,
+}
+
+#[derive(Debug, Args)]
+pub struct Options {
+    /// PostgreSQL URL (postgres://user:pass@host:5432/db) or key=value connection string.
+    #[arg(long, env = "NUDGE_DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Address for HTTP and WebSocket.
+    #[arg(long, env = "NUDGE_LISTEN", default_value = "127.0.0.1:8080", global = true)]
+    pub listen: SocketAddr,
+
+    /// HS256 shared secret.
+    #[arg(long, env = "NUDGE_JWT_SECRET", global = true, hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Path to a PEM public key (RS256, ES256, EdDSA).
+    #[arg(long, env = "NUDGE_JWT_PUBLIC_KEY", global = true)]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// Token algorithm; tokens signed with any other are refused.
+    #[arg(long, env = "NUDGE_JWT_ALGORITHM", default_value = "HS256", global = true)]
+    pub jwt_algorithm: JwtAlgorithm,
+
+    /// Required `aud` claim.
+    #[arg(long, env = "NUDGE_JWT_AUDIENCE", global = true)]
+    pub jwt_audience: Option<String>,
+
+    /// Required `iss` claim.
+    #[arg(long, env = "NUDGE_JWT_ISSUER", global = true)]
+    pub jwt_issuer: Option<String>,
+
+    /// Clock leeway for `exp` and `nbf`.
+    #[arg(long, env = "NUDGE_JWT_LEEWAY", default_value = "0s", value_parser = duration, global = true)]
+    pub jwt_leeway: Duration,
+
+    /// Time a client has to send `auth` after connecting.
+    #[arg(long, env = "NUDGE_AUTH_TIMEOUT", default_value = "10s", value_parser = duration, global = true)]
+    pub auth_timeout: Duration,
+
+    /// Comma-separated Origins allowed to upgrade (default: any). Requests without Origin are allowed.
+    #[arg(long, env = "NUDGE_ALLOWED_ORIGINS", value_delimiter = ',', global = true)]
+    pub allowed_origins: Vec<String>,
+
+    /// Fallback poll: claims anything a missed NOTIFY left behind.
+    #[arg(long, env = "NUDGE_POLL_INTERVAL", default_value = "2s", value_parser = duration, global = true)]
+    pub poll_interval: Duration,
+
+    /// Rows per claim statement.
+    #[arg(long, env = "NUDGE_CLAIM_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=100_000), global = true)]
+    pub claim_batch: i64,
+
+    /// How long processed rows are kept before they are deleted.
+    #[arg(long, env = "NUDGE_RETENTION", default_value = "1h", value_parser = duration, global = true)]
+    pub retention: Duration,
+
+    /// Events older than this when claimed are expired, not delivered.
+    #[arg(long, env = "NUDGE_MAX_AGE", default_value = "5m", value_parser = duration, global = true)]
+    pub max_age: Duration,
+
+    /// Open WebSocket connections; further upgrades get HTTP 503.
+    #[arg(long, env = "NUDGE_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub max_connections: u32,
+
+    /// Inbound frame limit in bytes; larger frames close the connection with 1009.
+    #[arg(long, env = "NUDGE_MAX_MESSAGE_SIZE", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(64..=1_048_576), global = true)]
+    pub max_message_size: u32,
+
+    /// Topics one connection may subscribe to.
+    #[arg(long, env = "NUDGE_MAX_SUBSCRIPTIONS", default_value_t = 100, global = true)]
+    pub max_subscriptions: usize,
+
+    /// Events queued per connection; a client that lets it overflow is closed with 1013.
+    #[arg(long, env = "NUDGE_OUTBOUND_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
+    pub outbound_queue: u32,
+
+    /// Messages per second one connection may send (burst of the same size).
+    #[arg(long, env = "NUDGE_CLIENT_RATE", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub client_rate: u32,
+
+    /// WebSocket ping interval; a peer silent for two intervals is dropped.
+    #[arg(long, env = "NUDGE_PING_INTERVAL", default_value = "30s", value_parser = duration, global = true)]
+    pub ping_interval: Duration,
+
+    /// PostgreSQL connections for claims and cleanup (the LISTEN connection is extra).
+    #[arg(long, env = "NUDGE_POOL_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000), global = true)]
+    pub pool_size: u32,
+
+    /// Do not apply migrations at start (`serve` then waits until the schema is current).
+    #[arg(long, env = "NUDGE_NO_MIGRATE", global = true)]
+    pub no_migrate: bool,
+}
+
+/// Everything wrong with a configuration, each variant one line for stderr.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("NUDGE_DATABASE_URL (--database-url) is required")]
+    MissingDatabaseUrl,
+    #[error("NUDGE_DATABASE_URL is malformed: {0}")]
+    BadDatabaseUrl(String),
+    #[error(transparent)]
+    Jwt(#[from] crate::auth::KeyError),
+    #[error("--{0} must be greater than zero")]
+    Zero(&'static str),
+}
+
+/// Limits applied to each WebSocket connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    pub auth_timeout: Duration,
+    pub max_message_size: usize,
+    pub max_subscriptions: usize,
+    pub outbound_queue: usize,
+    pub client_rate: u32,
+    pub ping_interval: Duration,
+}
+
+/// Settings of the claim loop and the retention sweep.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    pub poll_interval: Duration,
+    pub claim_batch: i64,
+    pub retention: Duration,
+    pub max_age: Duration,
+}
+
+/// A checked configuration for `serve`.
+pub struct ServeConfig {
+    pub database: tokio_postgres::Config,
+    pub listen: SocketAddr,
+    pub authenticator: Authenticator,
+    /// Empty means any Origin.
+    pub allowed_origins: Vec<String>,
+    pub max_connections: usize,
+    pub limits: ConnectionLimits,
+    pub relay: RelaySettings,
+    pub pool_size: usize,
+    pub migrate: bool,
+}
+
+impl Options {
+    pub fn database(&self) -> Result<tokio_postgres::Config, ConfigError> {
+        let url = self.database_url.as_deref().ok_or(ConfigError::MissingDatabaseUrl)?;
+        let mut config = tokio_postgres::Config::from_str(url)
+            // tokio-postgres' messages never echo the password back.
+            .map_err(|e| ConfigError::BadDatabaseUrl(e.to_string()))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        // Notice a dead network path within about a minute instead of the kernel's two hours.
+        config.keepalives_idle(Duration::from_secs(30));
+        Ok(config)
+    }
+
+    pub fn serve_config(&self) -> Result<ServeConfig, ConfigError> {
+        let database = self.database()?;
+        let key = match (&self.jwt_secret, &self.jwt_public_key) {
+            (Some(secret), None) => JwtKey::Secret(secret.clone()),
+            (None, Some(path)) => JwtKey::PublicKeyPem(path.clone()),
+            (None, None) => return Err(crate::auth::KeyError::Missing.into()),
+            (Some(_), Some(_)) => return Err(crate::auth::KeyError::Both.into()),
+        };
+        let authenticator = Authenticator::new(JwtSettings {
+            algorithm: self.jwt_algorithm,
+            key,
+            audience: self.jwt_audience.clone(),
+            issuer: self.jwt_issuer.clone(),
+            leeway: self.jwt_leeway,
+        })?;
+        for (name, value) in [
+            ("auth-timeout", self.auth_timeout),
+            ("poll-interval", self.poll_interval),
+            ("ping-interval", self.ping_interval),
+            ("retention", self.retention),
+            ("max-age", self.max_age),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        Ok(ServeConfig {
+            database,
+            listen: self.listen,
+            authenticator,
+            allowed_origins: self
+                .allowed_origins
+                .iter()
+                .map(|o| o.trim().to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
+            max_connections: self.max_connections as usize,
+            limits: ConnectionLimits {
+                auth_timeout: self.auth_timeout,
+                max_message_size: self.max_message_size as usize,
+                max_subscriptions: self.max_subscriptions,
+                outbound_queue: self.outbound_queue as usize,
+                client_rate: self.client_rate,
+                ping_interval: self.ping_interval,
+            },
+            relay: RelaySettings {
+                poll_interval: self.poll_interval,
+                claim_batch: self.claim_batch,
+                retention: self.retention,
+                max_age: self.max_age,
+            },
+            pool_size: self.pool_size as usize,
+            migrate: !self.no_migrate,
+        })
+    }
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{e} (write durations like 250ms, 10s, 5m, 1h)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_the_readme_says() {
+        assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(duration("soon").is_err());
+    }
+
+    #[test]
+    fn every_option_has_an_environment_variable() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        for arg in cmd.get_arguments() {
+            if matches!(arg.get_id().as_str(), "help" | "version") {
+                continue;
+            }
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            assert!(
+                env.as_deref().is_some_and(|e| e.starts_with("NUDGE_")),
+                "--{} has no NUDGE_ environment variable",
+                arg.get_id()
+            );
+        }
+    }
+}

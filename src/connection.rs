@@ -1,0 +1,416 @@
+//! One WebSocket connection's state machine: authenticate, then serve requests and write queued events.
+//!
+//! One task per connection owns the socket; nothing else writes to it. Events reach it through the bounded
+//! queue the hub fills, replies are written directly. The task ends on the client's close, an error, an
+//! authentication failure (4001), an oversized frame (1009), an overflowed queue (1013), or shutdown (1001), and
+//! always unregisters from the hub on the way out.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::auth::{Authenticator, Identity};
+use crate::config::ConnectionLimits;
+use crate::health::Metrics;
+use crate::hub::{ConnId, Frame, Hub};
+use crate::protocol::{self, ErrorCode, Reply, Request};
+use crate::shutdown::Shutdown;
+use crate::wake::Wakeups;
+
+/// A write that takes longer than this means the peer stopped reading; the connection is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Queued events written per flush: several frames per syscall, but a bounded stall for replies.
+const FRAMES_PER_FLUSH: usize = 64;
+
+/// What every connection needs from the rest of nudge.
+pub struct Shared {
+    pub hub: Arc<Hub>,
+    pub wakeups: Arc<Wakeups>,
+    pub authenticator: Arc<Authenticator>,
+    pub metrics: Arc<Metrics>,
+    pub limits: ConnectionLimits,
+}
+
+impl Shared {
+    /// Buffers sized for hints, not for tungstenite's 128 KiB default: memory per idle connection is what
+    /// bounds how many one node holds.
+    pub fn websocket_config(&self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0)
+            .max_message_size(Some(self.limits.max_message_size))
+            .max_frame_size(Some(self.limits.max_message_size))
+    }
+}
+
+/// After authentication: who this is, and what they are subscribed to.
+struct Session {
+    id: ConnId,
+    identity: Identity,
+    /// Events routed to this connection; `None` from `recv` means the hub dropped us for overflowing.
+    outbox: mpsc::Receiver<Frame>,
+    /// At most `max_subscriptions`, so a Vec and a linear search.
+    topics: Vec<Box<str>>,
+}
+
+/// How the loop goes on after one step.
+enum Step {
+    Continue,
+    /// Send an optional error frame, then close with this code.
+    Close { code: u16, reason: &'static str, error: Option<(ErrorCode, String, Option<Value>)> },
+    /// The peer is gone or broken: nothing more can be written.
+    Gone(String),
+}
+
+/// Serve one upgraded socket until it closes. `identity` is set when the upgrade request carried a valid token.
+pub async fn serve<S>(
+    ws: WebSocketStream<S>,
+    shared: Arc<Shared>,
+    identity: Option<Identity>,
+    peer: SocketAddr,
+    shutdown: Shutdown,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let rate = RateLimit::new(shared.limits.client_rate);
+    let mut connection = Connection { ws, shared, peer, session: None, rate, last_heard: Instant::now() };
+    let reason = connection.run(identity, shutdown).await;
+    match &connection.session {
+        Some(session) => {
+            tracing::info!(conn = session.id, user = %session.identity.user, %peer, %reason, "connection closed");
+            let topics = session.topics.iter().map(|t| &**t);
+            connection.shared.hub.unregister(session.id, &session.identity.user, topics);
+        }
+        None => tracing::info!(user = "-", %peer, %reason, "connection closed"),
+    }
+}
+
+struct Connection<S> {
+    ws: WebSocketStream<S>,
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    session: Option<Session>,
+    rate: RateLimit,
+    /// Last time the peer sent anything, pongs included: a silent peer is a dead one.
+    last_heard: Instant,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// The loop; returns why the connection ended, for the log.
+    async fn run(&mut self, identity: Option<Identity>, mut shutdown: Shutdown) -> String {
+        let limits = self.shared.limits.clone();
+        // One timer for "must authenticate by" and, later, "token valid until".
+        let deadline = tokio::time::sleep(limits.auth_timeout);
+        tokio::pin!(deadline);
+        if let Some(identity) = identity {
+            deadline.as_mut().reset(instant_of(identity.valid_until));
+            if let Err(e) = self.authenticate(identity, None).await {
+                return format!("write failed: {e}");
+            }
+        }
+        let mut ping = tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+
+        loop {
+            let step = tokio::select! {
+                biased;
+                _ = shutdown.triggered() => Step::Close { code: protocol::CLOSE_GOING_AWAY, reason: "server shutting down", error: None },
+                inbound = self.ws.next() => self.on_inbound(inbound, &mut deadline).await,
+                frame = next_event(&mut self.session) => match frame {
+                    Some(frame) => self.write_events(frame).await,
+                    None => Step::Close { code: protocol::CLOSE_TOO_SLOW, reason: "outbound queue overflowed", error: None },
+                },
+                _ = &mut deadline => match &self.session {
+                    None => Step::Close {
+                        code: protocol::CLOSE_UNAUTHORIZED,
+                        reason: "auth timeout",
+                        error: Some((ErrorCode::Unauthorized, format!("no auth message within {:?}", limits.auth_timeout), None)),
+                    },
+                    Some(_) => Step::Close {
+                        code: protocol::CLOSE_UNAUTHORIZED,
+                        reason: "token expired",
+                        error: Some((ErrorCode::TokenExpired, "token expired; connect again with a fresh token".into(), None)),
+                    },
+                },
+                _ = ping.tick() => {
+                    if self.last_heard.elapsed() > limits.ping_interval * 2 {
+                        Step::Gone("peer silent for two ping intervals".into())
+                    } else {
+                        match self.write(Message::Ping(Default::default())).await {
+                            Ok(()) => Step::Continue,
+                            Err(e) => Step::Gone(format!("write failed: {e}")),
+                        }
+                    }
+                },
+            };
+            match step {
+                Step::Continue => {}
+                Step::Gone(reason) => return reason,
+                Step::Close { code, reason, error } => {
+                    if let Some((code, message, reference)) = error {
+                        let _ = self.reply(Reply::Error { code, message: &message }, reference.as_ref()).await;
+                    }
+                    self.close(code, reason).await;
+                    return reason.to_owned();
+                }
+            }
+        }
+    }
+
+    async fn on_inbound(
+        &mut self,
+        inbound: Option<Result<Message, WsError>>,
+        deadline: &mut std::pin::Pin<&mut tokio::time::Sleep>,
+    ) -> Step {
+        let message = match inbound {
+            None => return Step::Gone("client disconnected".into()),
+            Some(Err(WsError::Capacity(_))) => {
+                let limit = self.shared.limits.max_message_size;
+                return Step::Close {
+                    code: protocol::CLOSE_TOO_LARGE,
+                    reason: "frame too large",
+                    error: Some((ErrorCode::TooLarge, format!("frames are limited to {limit} bytes"), None)),
+                };
+            }
+            Some(Err(e)) => return Step::Gone(format!("read failed: {e}")),
+            Some(Ok(message)) => message,
+        };
+        self.last_heard = Instant::now();
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Binary(_) => {
+                if !self.rate.allow() {
+                    return self.error(ErrorCode::RateLimited, self.rate.message(), None).await;
+                }
+                return self.error(ErrorCode::BadRequest, "binary frames are not supported: send JSON text".into(), None).await;
+            }
+            // tungstenite answers the close handshake itself on the next write or flush.
+            Message::Close(_) => {
+                let _ = self.ws.flush().await;
+                return Step::Gone("client closed".into());
+            }
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Step::Continue,
+        };
+        if !self.rate.allow() {
+            let reference = protocol::parse(&text).ok().and_then(|i| i.reference);
+            return self.error(ErrorCode::RateLimited, self.rate.message(), reference).await;
+        }
+        match protocol::parse(&text) {
+            Ok(inbound) => self.on_request(inbound.request, inbound.reference, deadline).await,
+            Err(bad) => self.error(ErrorCode::BadRequest, bad.message, bad.reference).await,
+        }
+    }
+
+    async fn on_request(
+        &mut self,
+        request: Request,
+        reference: Option<Value>,
+        deadline: &mut std::pin::Pin<&mut tokio::time::Sleep>,
+    ) -> Step {
+        let reference = reference.as_ref();
+        let Some(session) = &mut self.session else {
+            return match request {
+                Request::Auth { token } => match self.shared.authenticator.verify(&token) {
+                    Ok(identity) => {
+                        deadline.as_mut().reset(instant_of(identity.valid_until));
+                        written(self.authenticate(identity, reference).await)
+                    }
+                    Err(e) => unauthorized(e.to_string(), reference),
+                },
+                Request::Ping => written(self.reply(Reply::Pong, reference).await),
+                _ => unauthorized("authenticate first: send {\"type\":\"auth\",\"token\":...}".into(), reference),
+            };
+        };
+        match request {
+            Request::Auth { .. } => {
+                let message = "already authenticated; send refresh to replace the token".into();
+                self.error(ErrorCode::BadRequest, message, reference.cloned()).await
+            }
+            Request::Subscribe { topic } => {
+                if let Err(message) = protocol::check_topic(&topic) {
+                    return self.error(ErrorCode::BadRequest, message, reference.cloned()).await;
+                }
+                if !session.identity.topics.allows(&topic) {
+                    let message = format!("your token does not allow subscribing to {topic}");
+                    return self.error(ErrorCode::Forbidden, message, reference.cloned()).await;
+                }
+                if !session.topics.iter().any(|t| **t == *topic) {
+                    let max = self.shared.limits.max_subscriptions;
+                    if session.topics.len() >= max {
+                        let message = format!("a connection may hold at most {max} subscriptions");
+                        return self.error(ErrorCode::Forbidden, message, reference.cloned()).await;
+                    }
+                    self.shared.hub.subscribe(session.id, &topic);
+                    session.topics.push(topic.as_str().into());
+                }
+                written(self.reply(Reply::Subscribed { topic: &topic }, reference).await)
+            }
+            Request::Unsubscribe { topic } => {
+                if let Some(at) = session.topics.iter().position(|t| **t == *topic) {
+                    session.topics.swap_remove(at);
+                    self.shared.hub.unsubscribe(session.id, &topic);
+                }
+                written(self.reply(Reply::Unsubscribed { topic: &topic }, reference).await)
+            }
+            Request::Wakeup => {
+                self.shared.wakeups.wake();
+                Step::Continue
+            }
+            Request::Ping => written(self.reply(Reply::Pong, reference).await),
+            Request::Refresh { token } => {
+                let identity = match self.shared.authenticator.verify(&token) {
+                    Ok(identity) if identity.user == session.identity.user => identity,
+                    Ok(_) => {
+                        let message = crate::auth::AuthError::OtherUser.to_string();
+                        return self.error(ErrorCode::Forbidden, message, reference.cloned()).await;
+                    }
+                    Err(e) => return self.error(ErrorCode::Unauthorized, e.to_string(), reference.cloned()).await,
+                };
+                // The new token's topics replace the old: drop what it no longer allows.
+                let (kept, revoked): (Vec<_>, Vec<_>) =
+                    std::mem::take(&mut session.topics).into_iter().partition(|t| identity.topics.allows(t));
+                session.topics = kept;
+                for topic in &revoked {
+                    self.shared.hub.unsubscribe(session.id, topic);
+                }
+                deadline.as_mut().reset(instant_of(identity.valid_until));
+                let expires_at = identity.expires_at;
+                session.identity = identity;
+                for topic in &revoked {
+                    if let Err(e) = self.reply(Reply::Unsubscribed { topic }, None).await {
+                        return Step::Gone(format!("write failed: {e}"));
+                    }
+                }
+                written(self.reply(Reply::Refreshed { expires_at }, reference).await)
+            }
+        }
+    }
+
+    /// Register with the hub and tell the client it is `ready`.
+    async fn authenticate(&mut self, identity: Identity, reference: Option<&Value>) -> Result<(), WsError> {
+        let (id, outbox) = self.shared.hub.register(&identity.user, self.shared.limits.outbound_queue);
+        self.shared.metrics.connections_opened.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(conn = id, user = %identity.user, peer = %self.peer, "connection opened");
+        let ready = Reply::Ready { user: &identity.user, expires_at: identity.expires_at }.encode(reference);
+        self.session = Some(Session { id, identity, outbox, topics: Vec::new() });
+        self.write(Message::Text(ready.into())).await
+    }
+
+    /// Write this event and whatever else is queued, up to a bound, with one flush.
+    async fn write_events(&mut self, first: Frame) -> Step {
+        let result = tokio::time::timeout(WRITE_TIMEOUT, async {
+            self.ws.feed(Message::Text(first)).await?;
+            if let Some(session) = &mut self.session {
+                for _ in 1..FRAMES_PER_FLUSH {
+                    match session.outbox.try_recv() {
+                        Ok(frame) => self.ws.feed(Message::Text(frame)).await?,
+                        Err(_) => break,
+                    }
+                }
+            }
+            self.ws.flush().await
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => Step::Continue,
+            Ok(Err(e)) => Step::Gone(format!("write failed: {e}")),
+            Err(_) => Step::Gone("write timed out: peer not reading".into()),
+        }
+    }
+
+    async fn reply(&mut self, reply: Reply<'_>, reference: Option<&Value>) -> Result<(), WsError> {
+        self.write(Message::Text(reply.encode(reference).into())).await
+    }
+
+    /// Send an error that leaves the connection open.
+    async fn error(&mut self, code: ErrorCode, message: String, reference: Option<Value>) -> Step {
+        written(self.reply(Reply::Error { code, message: &message }, reference.as_ref()).await)
+    }
+
+    async fn write(&mut self, message: Message) -> Result<(), WsError> {
+        match tokio::time::timeout(WRITE_TIMEOUT, self.ws.send(message)).await {
+            Ok(result) => result,
+            Err(_) => Err(WsError::Io(std::io::ErrorKind::TimedOut.into())),
+        }
+    }
+
+    /// Send a close frame and wait (briefly) for the peer's, so the client reads our code rather than a reset.
+    async fn close(&mut self, code: u16, reason: &str) {
+        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            if self.ws.close(Some(frame)).await.is_ok() {
+                while let Some(Ok(_)) = self.ws.next().await {}
+            }
+        })
+        .await;
+    }
+}
+
+/// The step after a write: go on, or give up on a peer we cannot write to.
+fn written(result: Result<(), WsError>) -> Step {
+    match result {
+        Ok(()) => Step::Continue,
+        Err(e) => Step::Gone(format!("write failed: {e}")),
+    }
+}
+
+fn unauthorized(message: String, reference: Option<&Value>) -> Step {
+    Step::Close {
+        code: protocol::CLOSE_UNAUTHORIZED,
+        reason: "unauthorized",
+        error: Some((ErrorCode::Unauthorized, message, reference.cloned())),
+    }
+}
+
+/// The next queued event, or pending forever before authentication.
+async fn next_event(session: &mut Option<Session>) -> Option<Frame> {
+    match session {
+        Some(session) => session.outbox.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn instant_of(at: SystemTime) -> Instant {
+    let now = SystemTime::now();
+    Instant::now() + at.duration_since(now).unwrap_or(Duration::ZERO)
+}
+
+/// Token bucket: `rate` messages per second, bursts of up to `rate`.
+struct RateLimit {
+    rate: f32,
+    tokens: f32,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(rate: u32) -> Self {
+        RateLimit { rate: rate as f32, tokens: rate as f32, last: Instant::now() }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f32() * self.rate).min(self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn message(&self) -> String {
+        format!("more than {} messages per second; this one was dropped", self.rate)
+    }
+}

@@ -1,0 +1,99 @@
+//! The schema: numbered SQL files in `sql/`, embedded in the binary, applied in order under an advisory lock.
+//!
+//! Each file records its own version in `nudge.schema_migrations`, so applying it with `psql` is equivalent to
+//! letting nudge apply it. The advisory lock makes concurrent starts of several nodes safe: the second waits, then
+//! finds nothing left to do.
+
+use tokio_postgres::{Client, NoTls};
+
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Every migration, in order. The newest version is what this binary needs.
+pub const MIGRATIONS: &[Migration] =
+    &[Migration { version: 1, name: "0001_events.sql", sql: include_str!("../../sql/0001_events.sql") }];
+
+/// Advisory lock key: "nudge" in ASCII, so it is recognisable in `pg_locks`.
+const LOCK_KEY: i64 = 0x006e_7564_6765;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("migration {name} failed: {source}")]
+    Apply { name: &'static str, source: tokio_postgres::Error },
+    #[error("reading applied migrations failed: {0}")]
+    Query(#[source] tokio_postgres::Error),
+    #[error("schema is at version {found}, this nudge needs {needed}: run `nudge migrate`")]
+    Outdated { found: i32, needed: i32 },
+}
+
+/// Apply pending migrations; returns the versions applied now.
+pub async fn migrate(config: &tokio_postgres::Config) -> Result<Vec<i32>, MigrateError> {
+    let (mut client, connection) = config.connect(NoTls).await.map_err(MigrateError::Connect)?;
+    let driver = tokio::spawn(connection);
+    let result = apply_locked(&mut client).await;
+    drop(client);
+    let _ = driver.await;
+    result
+}
+
+/// Check, without changing anything, that the schema is current (for `serve --no-migrate`).
+pub async fn check(config: &tokio_postgres::Config) -> Result<(), MigrateError> {
+    let (client, connection) = config.connect(NoTls).await.map_err(MigrateError::Connect)?;
+    let driver = tokio::spawn(connection);
+    let result = applied_versions(&client).await;
+    drop(client);
+    let _ = driver.await;
+    let found = result?.into_iter().max().unwrap_or(0);
+    let needed = latest_version();
+    if found < needed {
+        return Err(MigrateError::Outdated { found, needed });
+    }
+    Ok(())
+}
+
+pub fn latest_version() -> i32 {
+    MIGRATIONS.last().map(|m| m.version).unwrap_or(0)
+}
+
+async fn apply_locked(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
+    client.execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY]).await.map_err(MigrateError::Query)?;
+    let result = apply_pending(client).await;
+    // Released explicitly; the session ending would release it too.
+    let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]).await;
+    result
+}
+
+async fn apply_pending(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
+    let applied = applied_versions(client).await?;
+    let mut now_applied = Vec::new();
+    for migration in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
+        let apply = |source| MigrateError::Apply { name: migration.name, source };
+        let tx = client.transaction().await.map_err(apply)?;
+        tx.batch_execute(migration.sql).await.map_err(apply)?;
+        tx.commit().await.map_err(apply)?;
+        tracing::info!(version = migration.version, file = migration.name, "applied migration");
+        now_applied.push(migration.version);
+    }
+    Ok(now_applied)
+}
+
+async fn applied_versions(client: &Client) -> Result<Vec<i32>, MigrateError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('nudge.schema_migrations') IS NOT NULL", &[])
+        .await
+        .map_err(MigrateError::Query)?
+        .get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query("SELECT version FROM nudge.schema_migrations ORDER BY version", &[])
+        .await
+        .map_err(MigrateError::Query)?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}

@@ -1,0 +1,219 @@
+//! The hub: who is online on this node, by user and by topic, and the routing of claimed events to them.
+//!
+//! Each authenticated connection registers an `Outbox` (a bounded queue). Routing never blocks and never waits
+//! for a socket: it serializes each event once and `try_send`s the shared frame into every matching outbox. A
+//! full outbox means the client is not reading; the hub unregisters it, which drops the queue's sender, and the
+//! connection closes itself with 1013 once it has written what is already queued.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::db::claim::ClaimedEvent;
+use crate::health::Metrics;
+use crate::protocol::EventFrame;
+
+/// One connection's id, unique for the life of the process.
+pub type ConnId = u64;
+
+/// A serialized frame, cheap to clone: every recipient of an event shares one allocation.
+pub type Frame = Utf8Bytes;
+
+#[derive(Default)]
+pub struct Hub {
+    maps: RwLock<Maps>,
+    next_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct Maps {
+    outboxes: HashMap<ConnId, mpsc::Sender<Frame>>,
+    /// A user's connections: tabs and devices, usually a handful, so a Vec beats a set.
+    by_user: HashMap<Arc<str>, Vec<ConnId>>,
+    /// A topic's subscribers: possibly thousands, removed one by one, so a set.
+    by_topic: HashMap<Box<str>, HashSet<ConnId>>,
+}
+
+/// What a routing call did, for metrics and logs.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Routed {
+    pub delivered: u64,
+    /// Connections dropped because their outbox overflowed.
+    pub overflowed: u64,
+}
+
+impl Hub {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Register an authenticated connection of `user`; its events arrive on the returned receiver.
+    pub fn register(&self, user: &Arc<str>, queue: usize) -> (ConnId, mpsc::Receiver<Frame>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(queue);
+        let mut maps = self.write();
+        maps.outboxes.insert(id, tx);
+        maps.by_user.entry(user.clone()).or_default().push(id);
+        (id, rx)
+    }
+
+    /// Remove a connection and all its subscriptions. Idempotent.
+    pub fn unregister<'t>(&self, id: ConnId, user: &str, topics: impl IntoIterator<Item = &'t str>) {
+        let mut maps = self.write();
+        maps.outboxes.remove(&id);
+        if let Some(conns) = maps.by_user.get_mut(user) {
+            conns.retain(|c| *c != id);
+            if conns.is_empty() {
+                maps.by_user.remove(user);
+            }
+        }
+        for topic in topics {
+            maps.unsubscribe(id, topic);
+        }
+    }
+
+    pub fn subscribe(&self, id: ConnId, topic: &str) {
+        let mut maps = self.write();
+        if maps.outboxes.contains_key(&id) {
+            maps.by_topic.entry(topic.into()).or_default().insert(id);
+        }
+    }
+
+    pub fn unsubscribe(&self, id: ConnId, topic: &str) {
+        self.write().unsubscribe(id, topic);
+    }
+
+    /// Route one claimed batch, in order. Called by the relay after the claim transaction committed.
+    pub fn route(&self, events: &[ClaimedEvent], metrics: &Metrics) -> Routed {
+        let mut routed = Routed::default();
+        let mut overflowed: Vec<ConnId> = Vec::new();
+        {
+            let maps = self.read();
+            for event in events {
+                let frame = encode(event);
+                let mut push = |id: &ConnId| match maps.outboxes.get(id).map(|tx| tx.try_send(frame.clone())) {
+                    Some(Ok(())) => routed.delivered += 1,
+                    Some(Err(mpsc::error::TrySendError::Full(_))) => overflowed.push(*id),
+                    // Closed: the connection is on its way out. None: it never was authenticated here.
+                    Some(Err(mpsc::error::TrySendError::Closed(_))) | None => {}
+                };
+                match &event.recipients {
+                    Some(users) => {
+                        for user in users {
+                            maps.by_user.get(user.as_str()).into_iter().flatten().for_each(&mut push);
+                        }
+                    }
+                    None => maps.by_topic.get(event.topic.as_str()).into_iter().flatten().for_each(&mut push),
+                }
+            }
+        }
+        if !overflowed.is_empty() {
+            overflowed.sort_unstable();
+            overflowed.dedup();
+            let mut maps = self.write();
+            for id in &overflowed {
+                // Dropping the sender is the signal: the connection drains its queue, then closes with 1013.
+                maps.outboxes.remove(id);
+            }
+            routed.overflowed = overflowed.len() as u64;
+        }
+        metrics.delivered.fetch_add(routed.delivered, Ordering::Relaxed);
+        metrics.overflowed.fetch_add(routed.overflowed, Ordering::Relaxed);
+        routed
+    }
+
+    pub fn connections(&self) -> usize {
+        self.read().outboxes.len()
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Maps> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that matters more than
+        // losing every connection, so poisoning is ignored.
+        self.maps.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Maps> {
+        self.maps.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Maps {
+    fn unsubscribe(&mut self, id: ConnId, topic: &str) {
+        if let Some(subscribers) = self.by_topic.get_mut(topic) {
+            subscribers.remove(&id);
+            if subscribers.is_empty() {
+                self.by_topic.remove(topic);
+            }
+        }
+    }
+}
+
+fn encode(event: &ClaimedEvent) -> Frame {
+    let frame = EventFrame {
+        frame_type: "event",
+        id: event.id,
+        topic: &event.topic,
+        kind: &event.kind,
+        at: &event.at,
+        data: &event.data,
+    };
+    // Serializing borrowed strings and a RawValue cannot fail.
+    serde_json::to_string(&frame).unwrap_or_default().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::value::RawValue;
+
+    fn event(id: i64, topic: &str, recipients: Option<&[&str]>) -> ClaimedEvent {
+        ClaimedEvent {
+            id,
+            topic: topic.into(),
+            kind: "k".into(),
+            at: "2026-11-25T10:00:00.000Z".into(),
+            recipients: recipients.map(|r| r.iter().map(|s| s.to_string()).collect()),
+            data: RawValue::from_string("{}".into()).expect("json"),
+        }
+    }
+
+    #[test]
+    fn routes_personal_events_to_every_connection_of_the_user_and_topic_events_to_subscribers() {
+        let hub = Hub::new();
+        let metrics = Metrics::default();
+        let alice: Arc<str> = "alice".into();
+        let bob: Arc<str> = "bob".into();
+        let (a1, mut rx_a1) = hub.register(&alice, 8);
+        let (_a2, mut rx_a2) = hub.register(&alice, 8);
+        let (b1, mut rx_b1) = hub.register(&bob, 8);
+        hub.subscribe(b1, "post:1");
+        hub.subscribe(a1, "post:2");
+
+        let routed = hub.route(&[event(1, "x", Some(&["alice"])), event(2, "post:1", None)], &metrics);
+        assert_eq!(routed, Routed { delivered: 3, overflowed: 0 });
+        assert!(rx_a1.try_recv().expect("a1").contains("\"id\":1"));
+        assert!(rx_a2.try_recv().expect("a2").contains("\"id\":1"));
+        assert!(rx_b1.try_recv().expect("b1").contains("\"id\":2"));
+        assert!(rx_a1.try_recv().is_err());
+
+        hub.unregister(a1, "alice", ["post:2"]);
+        assert_eq!(hub.route(&[event(3, "post:2", None)], &metrics).delivered, 0);
+    }
+
+    #[test]
+    fn an_overflowing_outbox_is_dropped_not_grown() {
+        let hub = Hub::new();
+        let metrics = Metrics::default();
+        let user: Arc<str> = "u".into();
+        let (_id, mut rx) = hub.register(&user, 2);
+        let events: Vec<_> = (1..=3).map(|i| event(i, "t", Some(&["u"]))).collect();
+        assert_eq!(hub.route(&events, &metrics), Routed { delivered: 2, overflowed: 1 });
+        assert!(rx.try_recv().is_ok());
+        assert!(rx.try_recv().is_ok());
+        // Sender gone: the connection sees the end of its queue and closes with 1013.
+        assert!(matches!(rx.try_recv(), Err(mpsc::error::TryRecvError::Disconnected)));
+    }
+}

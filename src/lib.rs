@@ -1,0 +1,20 @@
+//! nudge relays "something new happened" hints from PostgreSQL to WebSocket clients.
+//!
+//! The data path, in the order an event travels it:
+//! [`db::listen`] (NOTIFY) or a client's `wakeup` or the fallback poll -> [`wake::Wakeups`] ->
+//! [`relay`] (one claim pass at a time, [`db::claim`]) -> [`hub::Hub`] (who is online) ->
+//! per-connection queue -> [`connection`] (one socket) -> the client.
+//!
+//! `ARCHITECTURE.md` at the repository root is the map; each module's own doc says what it owns.
+
+pub mod auth;
+pub mod config;
+pub mod connection;
+pub mod db;
+pub mod health;
+pub mod http;
+pub mod hub;
+pub mod protocol;
+pub mod relay;
+pub mod shutdown;
+pub mod wake;
