@@ -27,23 +27,58 @@ pub struct Cli {
     pub options: Options,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
     /// Run the relay (the default command).
     Serve,
     /// Apply the SQL migrations and exit.
     Migrate,
+    /// Print a signed token (HS256, from NUDGE_JWT_SECRET), for development and examples.
+    Token(TokenArgs),
+    /// Run the product on a throwaway PostgreSQL with a demo page: a live comment thread.
+    Demo,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct TokenArgs {
+    /// The user id (`sub`).
+    #[arg(long)]
+    pub sub: String,
+    /// Topic patterns the user may subscribe to, comma-separated (`post:*,chat:7`).
+    #[arg(long, value_delimiter = ',')]
+    pub topics: Vec<String>,
+    /// Lifetime of the token.
+    #[arg(long, default_value = "1h", value_parser = duration)]
+    pub ttl: Duration,
 }
 
 #[derive(Debug, Args)]
 pub struct Options {
     /// PostgreSQL URL (postgres://user:pass@host:5432/db) or key=value connection string.
-    #[arg(long, env = "NUDGE_DATABASE_URL", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "NUDGE_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
     pub database_url: Option<String>,
 
     /// Address for HTTP and WebSocket.
-    #[arg(long, env = "NUDGE_LISTEN", default_value = "127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "NUDGE_LISTEN",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
     pub listen: SocketAddr,
+
+    /// PEM certificate chain: serve TLS (https/wss) with it. Needs --tls-key.
+    #[arg(long, env = "NUDGE_TLS_CERT", global = true)]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "NUDGE_TLS_KEY", global = true)]
+    pub tls_key: Option<PathBuf>,
 
     /// HS256 shared secret.
     #[arg(long, env = "NUDGE_JWT_SECRET", global = true, hide_env_values = true)]
@@ -54,7 +89,12 @@ pub struct Options {
     pub jwt_public_key: Option<PathBuf>,
 
     /// Token algorithm; tokens signed with any other are refused.
-    #[arg(long, env = "NUDGE_JWT_ALGORITHM", default_value = "HS256", global = true)]
+    #[arg(
+        long,
+        env = "NUDGE_JWT_ALGORITHM",
+        default_value = "HS256",
+        global = true
+    )]
     pub jwt_algorithm: JwtAlgorithm,
 
     /// Required `aud` claim.
@@ -74,7 +114,12 @@ pub struct Options {
     pub auth_timeout: Duration,
 
     /// Comma-separated Origins allowed to upgrade (default: any). Requests without Origin are allowed.
-    #[arg(long, env = "NUDGE_ALLOWED_ORIGINS", value_delimiter = ',', global = true)]
+    #[arg(
+        long,
+        env = "NUDGE_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        global = true
+    )]
     pub allowed_origins: Vec<String>,
 
     /// Fallback poll: claims anything a missed NOTIFY left behind.
@@ -102,7 +147,12 @@ pub struct Options {
     pub max_message_size: u32,
 
     /// Topics one connection may subscribe to.
-    #[arg(long, env = "NUDGE_MAX_SUBSCRIPTIONS", default_value_t = 100, global = true)]
+    #[arg(
+        long,
+        env = "NUDGE_MAX_SUBSCRIPTIONS",
+        default_value_t = 100,
+        global = true
+    )]
     pub max_subscriptions: usize,
 
     /// Events queued per connection; a client that lets it overflow is closed with 1013.
@@ -137,6 +187,14 @@ pub enum ConfigError {
     Jwt(#[from] crate::auth::KeyError),
     #[error("--{0} must be greater than zero")]
     Zero(&'static str),
+    #[error("TLS needs both NUDGE_TLS_CERT and NUDGE_TLS_KEY")]
+    TlsHalf,
+    #[error("cannot read TLS {what} {path}: {reason}")]
+    Tls {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 /// Limits applied to each WebSocket connection.
@@ -163,6 +221,8 @@ pub struct RelaySettings {
 pub struct ServeConfig {
     pub database: tokio_postgres::Config,
     pub listen: SocketAddr,
+    /// Set when nudge terminates TLS itself.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub authenticator: Authenticator,
     /// Empty means any Origin.
     pub allowed_origins: Vec<String>,
@@ -175,7 +235,10 @@ pub struct ServeConfig {
 
 impl Options {
     pub fn database(&self) -> Result<tokio_postgres::Config, ConfigError> {
-        let url = self.database_url.as_deref().ok_or(ConfigError::MissingDatabaseUrl)?;
+        let url = self
+            .database_url
+            .as_deref()
+            .ok_or(ConfigError::MissingDatabaseUrl)?;
         let mut config = tokio_postgres::Config::from_str(url)
             // tokio-postgres' messages never echo the password back.
             .map_err(|e| ConfigError::BadDatabaseUrl(e.to_string()))?;
@@ -188,8 +251,16 @@ impl Options {
     }
 
     pub fn serve_config(&self) -> Result<ServeConfig, ConfigError> {
-        let database = self.database()?;
-        let key = match (&self.jwt_secret, &self.jwt_public_key) {
+        self.serve_config_with(self.database()?, self.jwt_secret.clone())
+    }
+
+    /// `serve_config` with the database and secret given by the caller (`nudge demo` makes its own).
+    pub fn serve_config_with(
+        &self,
+        database: tokio_postgres::Config,
+        jwt_secret: Option<String>,
+    ) -> Result<ServeConfig, ConfigError> {
+        let key = match (&jwt_secret, &self.jwt_public_key) {
             (Some(secret), None) => JwtKey::Secret(secret.clone()),
             (None, Some(path)) => JwtKey::PublicKeyPem(path.clone()),
             (None, None) => return Err(crate::auth::KeyError::Missing.into()),
@@ -216,6 +287,7 @@ impl Options {
         Ok(ServeConfig {
             database,
             listen: self.listen,
+            tls: self.tls()?,
             authenticator,
             allowed_origins: self
                 .allowed_origins
@@ -241,6 +313,41 @@ impl Options {
             pool_size: self.pool_size as usize,
             migrate: !self.no_migrate,
         })
+    }
+}
+
+impl Options {
+    fn tls(&self) -> Result<Option<tokio_rustls::TlsAcceptor>, ConfigError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let (cert_path, key_path) = match (&self.tls_cert, &self.tls_key) {
+            (None, None) => return Ok(None),
+            (Some(cert), Some(key)) => (cert, key),
+            _ => return Err(ConfigError::TlsHalf),
+        };
+        let bad = |what, path: &PathBuf, reason: String| ConfigError::Tls {
+            what,
+            path: path.clone(),
+            reason,
+        };
+        let certs = CertificateDer::pem_file_iter(cert_path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| bad("certificate", cert_path, e.to_string()))?;
+        if certs.is_empty() {
+            return Err(bad("certificate", cert_path, "no CERTIFICATE block".into()));
+        }
+        let key = PrivateKeyDer::from_pem_file(key_path)
+            .map_err(|e| bad("key", key_path, e.to_string()))?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .and_then(|builder| builder.with_no_client_auth().with_single_cert(certs, key))
+            .map_err(|e| bad("certificate/key pair", cert_path, e.to_string()))?;
+        // WebSocket upgrades are HTTP/1.1.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Some(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(
+            config,
+        ))))
     }
 }
 

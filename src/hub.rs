@@ -61,7 +61,12 @@ impl Hub {
     }
 
     /// Remove a connection and all its subscriptions. Idempotent.
-    pub fn unregister<'t>(&self, id: ConnId, user: &str, topics: impl IntoIterator<Item = &'t str>) {
+    pub fn unregister<'t>(
+        &self,
+        id: ConnId,
+        user: &str,
+        topics: impl IntoIterator<Item = &'t str>,
+    ) {
         let mut maps = self.write();
         maps.outboxes.remove(&id);
         if let Some(conns) = maps.by_user.get_mut(user) {
@@ -94,7 +99,11 @@ impl Hub {
             let maps = self.read();
             for event in events {
                 let frame = encode(event);
-                let mut push = |id: &ConnId| match maps.outboxes.get(id).map(|tx| tx.try_send(frame.clone())) {
+                let mut push = |id: &ConnId| match maps
+                    .outboxes
+                    .get(id)
+                    .map(|tx| tx.try_send(frame.clone()))
+                {
                     Some(Ok(())) => routed.delivered += 1,
                     Some(Err(mpsc::error::TrySendError::Full(_))) => overflowed.push(*id),
                     // Closed: the connection is on its way out. None: it never was authenticated here.
@@ -103,10 +112,19 @@ impl Hub {
                 match &event.recipients {
                     Some(users) => {
                         for user in users {
-                            maps.by_user.get(user.as_str()).into_iter().flatten().for_each(&mut push);
+                            maps.by_user
+                                .get(user.as_str())
+                                .into_iter()
+                                .flatten()
+                                .for_each(&mut push);
                         }
                     }
-                    None => maps.by_topic.get(event.topic.as_str()).into_iter().flatten().for_each(&mut push),
+                    None => maps
+                        .by_topic
+                        .get(event.topic.as_str())
+                        .into_iter()
+                        .flatten()
+                        .for_each(&mut push),
                 }
             }
         }
@@ -120,8 +138,12 @@ impl Hub {
             }
             routed.overflowed = overflowed.len() as u64;
         }
-        metrics.delivered.fetch_add(routed.delivered, Ordering::Relaxed);
-        metrics.overflowed.fetch_add(routed.overflowed, Ordering::Relaxed);
+        metrics
+            .delivered
+            .fetch_add(routed.delivered, Ordering::Relaxed);
+        metrics
+            .overflowed
+            .fetch_add(routed.overflowed, Ordering::Relaxed);
         routed
     }
 
@@ -192,15 +214,27 @@ mod tests {
         hub.subscribe(b1, "post:1");
         hub.subscribe(a1, "post:2");
 
-        let routed = hub.route(&[event(1, "x", Some(&["alice"])), event(2, "post:1", None)], &metrics);
-        assert_eq!(routed, Routed { delivered: 3, overflowed: 0 });
+        let routed = hub.route(
+            &[event(1, "x", Some(&["alice"])), event(2, "post:1", None)],
+            &metrics,
+        );
+        assert_eq!(
+            routed,
+            Routed {
+                delivered: 3,
+                overflowed: 0
+            }
+        );
         assert!(rx_a1.try_recv().expect("a1").contains("\"id\":1"));
         assert!(rx_a2.try_recv().expect("a2").contains("\"id\":1"));
         assert!(rx_b1.try_recv().expect("b1").contains("\"id\":2"));
         assert!(rx_a1.try_recv().is_err());
 
         hub.unregister(a1, "alice", ["post:2"]);
-        assert_eq!(hub.route(&[event(3, "post:2", None)], &metrics).delivered, 0);
+        assert_eq!(
+            hub.route(&[event(3, "post:2", None)], &metrics).delivered,
+            0
+        );
     }
 
     #[test]
@@ -210,10 +244,19 @@ mod tests {
         let user: Arc<str> = "u".into();
         let (_id, mut rx) = hub.register(&user, 2);
         let events: Vec<_> = (1..=3).map(|i| event(i, "t", Some(&["u"]))).collect();
-        assert_eq!(hub.route(&events, &metrics), Routed { delivered: 2, overflowed: 1 });
+        assert_eq!(
+            hub.route(&events, &metrics),
+            Routed {
+                delivered: 2,
+                overflowed: 1
+            }
+        );
         assert!(rx.try_recv().is_ok());
         assert!(rx.try_recv().is_ok());
         // Sender gone: the connection sees the end of its queue and closes with 1013.
-        assert!(matches!(rx.try_recv(), Err(mpsc::error::TryRecvError::Disconnected)));
+        assert!(matches!(
+            rx.try_recv(),
+            Err(mpsc::error::TryRecvError::Disconnected)
+        ));
     }
 }

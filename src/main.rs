@@ -1,22 +1,12 @@
-//! `nudge`: parse the configuration, then wire the parts together. Each part lives in its own module.
+//! `nudge`: parse the command line, then hand over to the module that runs the command.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use tokio::sync::Semaphore;
 
-use nudge::config::{Cli, Command, ConfigError, ServeConfig};
-use nudge::connection::Shared;
-use nudge::health::{Metrics, Readiness};
-use nudge::hub::Hub;
-use nudge::relay::{self, Relay};
-use nudge::wake::Wakeups;
-use nudge::{db, http, shutdown};
-
-/// How long shutdown may take before nudge exits anyway.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(9);
+use nudge::config::{Cli, Command, ConfigError, Options, TokenArgs};
+use nudge::{auth, db, demo, node};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -28,7 +18,13 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             let rendered = e.to_string();
-            eprintln!("{}", rendered.lines().next().unwrap_or("invalid arguments"));
+            eprintln!(
+                "{}",
+                rendered
+                    .lines()
+                    .next()
+                    .unwrap_or("error: invalid arguments")
+            );
             return ExitCode::from(2);
         }
     };
@@ -41,20 +37,17 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
             return ExitCode::from(1);
         }
     };
-    let command = cli.command.unwrap_or(Command::Serve);
-    let result = runtime.block_on(async {
-        match command {
-            Command::Serve => serve(cli.options.serve_config()?).await,
-            Command::Migrate => migrate(cli.options.database()?).await,
-        }
-    });
+    let result = runtime.block_on(run(cli.command.unwrap_or(Command::Serve), cli.options));
     // Connection tasks still draining after the grace period are not waited for.
     runtime.shutdown_timeout(Duration::from_millis(100));
     match result {
@@ -70,96 +63,68 @@ fn main() -> ExitCode {
     }
 }
 
+/// Exit code 2 for configuration mistakes, 1 for everything that fails at run time.
 enum Failure {
-    Config(ConfigError),
+    Config(String),
     Runtime(String),
 }
 
 impl From<ConfigError> for Failure {
     fn from(e: ConfigError) -> Self {
-        Failure::Config(e)
+        Failure::Config(e.to_string())
     }
 }
 
-async fn migrate(database: tokio_postgres::Config) -> Result<(), Failure> {
-    let applied = db::migrate::migrate(&database).await.map_err(|e| Failure::Runtime(e.to_string()))?;
-    match applied.as_slice() {
-        [] => tracing::info!(version = db::migrate::latest_version(), "schema already current"),
-        versions => tracing::info!(?versions, "schema migrated"),
-    }
-    Ok(())
-}
-
-async fn serve(config: ServeConfig) -> Result<(), Failure> {
-    let ServeConfig { database, listen, authenticator, allowed_origins, max_connections, limits, relay, pool_size, migrate } =
-        config;
-    let pool = db::pool(&database, pool_size).map_err(|e| Failure::Runtime(format!("cannot build the pool: {e}")))?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| Failure::Runtime(format!("cannot listen on {listen}: {e}")))?;
-    let local = listener.local_addr().map_err(|e| Failure::Runtime(e.to_string()))?;
-
-    let (trigger, shutdown) = shutdown::channel();
-    let hub = Arc::new(Hub::new());
-    let wakeups = Arc::new(Wakeups::default());
-    let metrics = Arc::new(Metrics::default());
-    let readiness = Arc::new(Readiness::default());
-    let shared = Arc::new(Shared {
-        hub: hub.clone(),
-        wakeups: wakeups.clone(),
-        authenticator: Arc::new(authenticator),
-        metrics: metrics.clone(),
-        limits,
-    });
-    let slots = Arc::new(Semaphore::new(max_connections));
-    let server = Arc::new(http::Server {
-        shared,
-        readiness: readiness.clone(),
-        pool: pool.clone(),
-        allowed_origins,
-        slots: slots.clone(),
-        max_connections,
-        shutdown: shutdown.clone(),
-    });
-    let relay = Arc::new(Relay { pool, hub, wakeups: wakeups.clone(), metrics, readiness: readiness.clone(), settings: relay });
-
-    // HTTP first: /healthz and /readyz answer while the database is still coming up.
-    let http_task = tokio::spawn(http::serve(listener, server));
-    tracing::info!("listening on {local}");
-
-    // Then the database side: schema, LISTEN, claims, poll, retention.
-    let relay_task = tokio::spawn({
-        let (relay, shutdown) = (relay.clone(), shutdown.clone());
-        async move {
-            if !relay::prepare_schema(&database, migrate, &relay.readiness, shutdown.clone()).await {
-                return;
+async fn run(command: Command, options: Options) -> Result<(), Failure> {
+    match command {
+        Command::Serve => node::run(options.serve_config()?, None, |_| {})
+            .await
+            .map_err(|e| Failure::Runtime(e.to_string())),
+        Command::Migrate => {
+            let database = options.database()?;
+            let applied = db::migrate::migrate(&database)
+                .await
+                .map_err(|e| Failure::Runtime(e.to_string()))?;
+            match applied.as_slice() {
+                [] => tracing::info!(
+                    version = db::migrate::latest_version(),
+                    "schema already current"
+                ),
+                versions => tracing::info!(?versions, "schema migrated"),
             }
-            tokio::spawn(db::listen::run(database, relay.wakeups.clone(), relay.readiness.clone(), shutdown.clone()));
-            tokio::spawn({
-                let (relay, shutdown) = (relay.clone(), shutdown.clone());
-                async move { relay.run_poll(shutdown).await }
-            });
-            tokio::spawn({
-                let (relay, shutdown) = (relay.clone(), shutdown.clone());
-                async move { relay.run_retention(shutdown).await }
-            });
-            relay.run_claims(shutdown).await;
+            Ok(())
         }
-    });
-
-    shutdown::os_signal().await;
-    tracing::info!("shutting down: closing connections, finishing the claim pass in progress");
-    trigger.trigger();
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        let _ = http_task.await;
-        // Every connection holds a slot until its task ends: all slots back means all connections closed.
-        let _ = slots.acquire_many(max_connections as u32).await;
-        let _ = relay_task.await;
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("shutdown grace period over; exiting with work still in progress");
+        Command::Token(args) => token(&options, &args),
+        Command::Demo => demo::run(options).await.map_err(|e| match e {
+            demo::DemoError::Config(e) => Failure::Config(e.to_string()),
+            demo::DemoError::NoPostgres(message) => Failure::Config(message),
+            other => Failure::Runtime(other.to_string()),
+        }),
     }
-    tracing::info!("stopped");
+}
+
+fn token(options: &Options, args: &TokenArgs) -> Result<(), Failure> {
+    if options.jwt_algorithm != nudge::auth::JwtAlgorithm::Hs256 {
+        return Err(Failure::Config(
+            "nudge token signs HS256 only; with RS256/ES256/EdDSA your backend signs with its private key".into(),
+        ));
+    }
+    let Some(secret) = options.jwt_secret.as_deref().filter(|s| !s.is_empty()) else {
+        return Err(Failure::Config(
+            "nudge token signs HS256 tokens with NUDGE_JWT_SECRET, which is not set (for RS256/ES256/EdDSA, \
+             tokens are signed by your backend's private key)"
+                .into(),
+        ));
+    };
+    let request = auth::TokenRequest {
+        sub: &args.sub,
+        topics: &args.topics,
+        ttl: args.ttl,
+        audience: options.jwt_audience.as_deref(),
+        issuer: options.jwt_issuer.as_deref(),
+    };
+    let token = auth::issue_token(secret, &request)
+        .map_err(|e| Failure::Runtime(format!("cannot sign: {e}")))?;
+    println!("{token}");
     Ok(())
 }

@@ -19,7 +19,12 @@ pub const CHANNEL: &str = "nudge";
 const LISTEN: &str = "LISTEN nudge";
 
 /// Keep a LISTEN session open until shutdown, reconnecting with backoff.
-pub async fn run(config: tokio_postgres::Config, wakeups: Arc<Wakeups>, readiness: Arc<Readiness>, mut shutdown: Shutdown) {
+pub async fn run(
+    config: tokio_postgres::Config,
+    wakeups: Arc<Wakeups>,
+    readiness: Arc<Readiness>,
+    mut shutdown: Shutdown,
+) {
     let mut config = config;
     // Operators find this session in pg_stat_activity by name (and tests kill it by name).
     config.application_name("nudge-listen");

@@ -1,0 +1,158 @@
+//! A nudge node: everything `nudge serve` (and `nudge demo`) runs, wired together, and its shutdown sequence.
+//!
+//! Start order: HTTP first (so `/healthz` and `/readyz` answer while the database comes up), then the schema,
+//! then LISTEN, the claim loop, the fallback poll and the retention sweep. Stop order: stop accepting, close
+//! every connection with 1001, let the claim pass in progress finish, bounded by `SHUTDOWN_GRACE`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::config::ServeConfig;
+use crate::connection::Shared;
+use crate::db;
+use crate::health::{Metrics, Readiness};
+use crate::http::{self, ExtraRoutes};
+use crate::hub::Hub;
+use crate::relay::{self, Relay};
+use crate::shutdown::{self, Shutdown};
+use crate::wake::Wakeups;
+
+/// How long shutdown may take before nudge exits anyway (the contract says within 10 s).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(9);
+
+/// A failure that stops the node at start: the listen address is taken, the pool cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot build the database pool: {0}")]
+    Pool(#[from] deadpool_postgres::BuildError),
+}
+
+/// Run until SIGTERM/Ctrl-C (or until `stop` resolves, for embedders such as `nudge demo`).
+/// `on_listening` is told the bound address once HTTP accepts connections.
+pub async fn run(
+    config: ServeConfig,
+    extra_routes: Option<ExtraRoutes>,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<(), StartError> {
+    let ServeConfig {
+        database,
+        listen,
+        tls,
+        authenticator,
+        allowed_origins,
+        max_connections,
+        limits,
+        relay,
+        pool_size,
+        migrate,
+    } = config;
+    let pool = db::pool(&database, pool_size)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: listen,
+        source,
+    })?;
+
+    let (trigger, shutdown) = shutdown::channel();
+    let hub = Arc::new(Hub::new());
+    let wakeups = Arc::new(Wakeups::default());
+    let metrics = Arc::new(Metrics::default());
+    let readiness = Arc::new(Readiness::default());
+    let shared = Arc::new(Shared {
+        hub: hub.clone(),
+        wakeups: wakeups.clone(),
+        authenticator: Arc::new(authenticator),
+        metrics: metrics.clone(),
+        limits,
+    });
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let server = Arc::new(http::Server {
+        shared,
+        readiness: readiness.clone(),
+        pool: pool.clone(),
+        allowed_origins,
+        slots: slots.clone(),
+        max_connections,
+        shutdown: shutdown.clone(),
+    });
+    let relay = Arc::new(Relay {
+        pool,
+        hub,
+        wakeups,
+        metrics,
+        readiness,
+        settings: relay,
+    });
+
+    let scheme = if tls.is_some() {
+        "https/wss"
+    } else {
+        "http/ws"
+    };
+    let http_task = tokio::spawn(http::serve(listener, server, tls, extra_routes));
+    tracing::info!("listening on {local} ({scheme})");
+    on_listening(local);
+
+    let relay_task = tokio::spawn(run_database_side(
+        relay,
+        database,
+        migrate,
+        shutdown.clone(),
+    ));
+
+    shutdown::os_signal().await;
+    tracing::info!("shutting down: closing connections, finishing the claim pass in progress");
+    trigger.trigger();
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        let _ = http_task.await;
+        // Every connection holds a slot until its task ends: all slots back means all connections closed.
+        let _ = slots.acquire_many(max_connections as u32).await;
+        let _ = relay_task.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("shutdown grace period over; exiting with work still in progress");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Schema first (retrying while the database is away), then LISTEN, poll, retention, and the claim loop.
+async fn run_database_side(
+    relay: Arc<Relay>,
+    database: tokio_postgres::Config,
+    migrate: bool,
+    shutdown: Shutdown,
+) {
+    if !relay::prepare_schema(&database, migrate, &relay.readiness, shutdown.clone()).await {
+        return;
+    }
+    tokio::spawn(db::listen::run(
+        database,
+        relay.wakeups.clone(),
+        relay.readiness.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn({
+        let (relay, shutdown) = (relay.clone(), shutdown.clone());
+        async move { relay.run_poll(shutdown).await }
+    });
+    tokio::spawn({
+        let (relay, shutdown) = (relay.clone(), shutdown.clone());
+        async move { relay.run_retention(shutdown).await }
+    });
+    relay.run_claims(shutdown).await;
+}
