@@ -52,31 +52,20 @@ pub struct JwtSettings {
 /// A key configuration that cannot work. Reported at start, exit code 2.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error(
-        "no JWT key: set NUDGE_JWT_SECRET (HS256) or NUDGE_JWT_PUBLIC_KEY (RS256, ES256, EdDSA)"
-    )]
+    #[error("no JWT key: set NUDGE_JWT_SECRET (HS256) or NUDGE_JWT_PUBLIC_KEY (RS256, ES256, EdDSA)")]
     Missing,
     #[error("set either NUDGE_JWT_SECRET or NUDGE_JWT_PUBLIC_KEY, not both")]
     Both,
     #[error("NUDGE_JWT_SECRET is empty")]
     EmptySecret,
-    #[error(
-        "NUDGE_JWT_ALGORITHM={0:?} needs a public key (NUDGE_JWT_PUBLIC_KEY), not a shared secret"
-    )]
+    #[error("NUDGE_JWT_ALGORITHM={0:?} needs a public key (NUDGE_JWT_PUBLIC_KEY), not a shared secret")]
     SecretForAsymmetric(JwtAlgorithm),
     #[error("NUDGE_JWT_ALGORITHM=HS256 needs NUDGE_JWT_SECRET, not a public key")]
     PublicKeyForHmac,
     #[error("cannot read NUDGE_JWT_PUBLIC_KEY {path}: {source}")]
-    Unreadable {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Unreadable { path: PathBuf, source: std::io::Error },
     #[error("NUDGE_JWT_PUBLIC_KEY {path} is not a PEM {algorithm:?} public key: {reason}")]
-    BadPem {
-        path: PathBuf,
-        algorithm: JwtAlgorithm,
-        reason: String,
-    },
+    BadPem { path: PathBuf, algorithm: JwtAlgorithm, reason: String },
 }
 
 /// Why a token was refused. The message goes to the client in an `unauthorized` error; never the token itself.
@@ -124,12 +113,10 @@ impl TopicPatterns {
     }
 
     pub fn allows(&self, topic: &str) -> bool {
-        self.0
-            .iter()
-            .any(|pattern| match pattern.strip_suffix('*') {
-                Some(prefix) => topic.starts_with(prefix),
-                None => **pattern == *topic,
-            })
+        self.0.iter().any(|pattern| match pattern.strip_suffix('*') {
+            Some(prefix) => topic.starts_with(prefix),
+            None => **pattern == *topic,
+        })
     }
 }
 
@@ -158,38 +145,26 @@ impl Authenticator {
                     return Err(KeyError::EmptySecret);
                 }
                 if secret.len() < 32 {
-                    tracing::warn!(
-                        "NUDGE_JWT_SECRET is shorter than 32 bytes; use a long random secret"
-                    );
+                    tracing::warn!("NUDGE_JWT_SECRET is shorter than 32 bytes; use a long random secret");
                 }
                 DecodingKey::from_secret(secret.as_bytes())
             }
             (JwtKey::Secret(_), other) => return Err(KeyError::SecretForAsymmetric(other)),
-            (JwtKey::PublicKeyPem(_), JwtAlgorithm::Hs256) => {
-                return Err(KeyError::PublicKeyForHmac)
-            }
+            (JwtKey::PublicKeyPem(_), JwtAlgorithm::Hs256) => return Err(KeyError::PublicKeyForHmac),
             (JwtKey::PublicKeyPem(path), _) => {
-                let pem = std::fs::read(path).map_err(|source| KeyError::Unreadable {
-                    path: path.clone(),
-                    source,
-                })?;
+                let pem = std::fs::read(path).map_err(|source| KeyError::Unreadable { path: path.clone(), source })?;
                 let parsed = match algorithm {
                     JwtAlgorithm::Rs256 => DecodingKey::from_rsa_pem(&pem),
                     JwtAlgorithm::Es256 => DecodingKey::from_ec_pem(&pem),
                     JwtAlgorithm::EdDsa => DecodingKey::from_ed_pem(&pem),
                     JwtAlgorithm::Hs256 => unreachable!("matched above"),
                 };
-                parsed.map_err(|e| KeyError::BadPem {
-                    path: path.clone(),
-                    algorithm,
-                    reason: e.to_string(),
-                })?
+                parsed.map_err(|e| KeyError::BadPem { path: path.clone(), algorithm, reason: e.to_string() })?
             }
         };
 
         let mut validation = Validation::new(algorithm.jsonwebtoken());
-        validation.leeway =
-            settings.leeway.as_secs() + u64::from(settings.leeway.subsec_nanos() > 0);
+        validation.leeway = settings.leeway.as_secs() + u64::from(settings.leeway.subsec_nanos() > 0);
         validation.validate_exp = true;
         validation.validate_nbf = true;
         let mut required = vec!["exp", "sub"];
@@ -208,17 +183,11 @@ impl Authenticator {
         validation.set_required_spec_claims(&required);
 
         let leeway = Duration::from_secs(validation.leeway);
-        Ok(Authenticator {
-            key,
-            validation,
-            algorithm,
-            leeway,
-        })
+        Ok(Authenticator { key, validation, algorithm, leeway })
     }
 
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
-            .map_err(|e| self.explain(e))?;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| self.explain(e))?;
         let claims = data.claims;
         if claims.sub.is_empty() {
             return Err(AuthError::MissingClaim("sub".into()));
@@ -252,9 +221,7 @@ impl Authenticator {
             }
             // Our claims struct requires `sub` and `exp`, so serde reports them missing before jsonwebtoken does.
             ErrorKind::Json(e) => match e.to_string().split('`').nth(1) {
-                Some(field) if e.to_string().starts_with("missing field") => {
-                    AuthError::MissingClaim(field.to_owned())
-                }
+                Some(field) if e.to_string().starts_with("missing field") => AuthError::MissingClaim(field.to_owned()),
                 _ => AuthError::Malformed(e.to_string()),
             },
             _ => AuthError::Malformed(error.to_string()),
@@ -295,14 +262,8 @@ pub struct TokenRequest<'a> {
 }
 
 /// Sign an HS256 token. Production tokens come from the application's backend; this is for development.
-pub fn issue_token(
-    secret: &str,
-    request: &TokenRequest<'_>,
-) -> Result<String, jsonwebtoken::errors::Error> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+pub fn issue_token(secret: &str, request: &TokenRequest<'_>) -> Result<String, jsonwebtoken::errors::Error> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let claims = IssuedClaims {
         sub: request.sub,
         iat: now,
@@ -325,10 +286,7 @@ mod tests {
     use serde_json::json;
 
     fn now() -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
     }
 
     fn hs256(audience: Option<&str>) -> Authenticator {
@@ -343,12 +301,8 @@ mod tests {
     }
 
     fn sign(alg: Algorithm, claims: serde_json::Value) -> String {
-        encode(
-            &Header::new(alg),
-            &claims,
-            &EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"),
-        )
-        .expect("signs")
+        encode(&Header::new(alg), &claims, &EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"))
+            .expect("signs")
     }
 
     #[test]
@@ -372,22 +326,13 @@ mod tests {
         assert_eq!(auth.verify(&expired).unwrap_err(), AuthError::Expired);
 
         let no_exp = sign(Algorithm::HS256, json!({"sub": "alice"}));
-        assert_eq!(
-            auth.verify(&no_exp).unwrap_err(),
-            AuthError::MissingClaim("exp".into())
-        );
+        assert_eq!(auth.verify(&no_exp).unwrap_err(), AuthError::MissingClaim("exp".into()));
 
-        let future = sign(
-            Algorithm::HS256,
-            json!({"sub": "alice", "exp": now() + 60, "nbf": now() + 30}),
-        );
+        let future = sign(Algorithm::HS256, json!({"sub": "alice", "exp": now() + 60, "nbf": now() + 30}));
         assert_eq!(auth.verify(&future).unwrap_err(), AuthError::NotYetValid);
 
         let other_alg = sign(Algorithm::HS384, json!({"sub": "alice", "exp": now() + 60}));
-        assert_eq!(
-            auth.verify(&other_alg).unwrap_err(),
-            AuthError::WrongAlgorithm("HS256")
-        );
+        assert_eq!(auth.verify(&other_alg).unwrap_err(), AuthError::WrongAlgorithm("HS256"));
 
         let mut tampered = good.clone();
         tampered.pop();
@@ -401,22 +346,14 @@ mod tests {
         let header = encode_url(br#"{"alg":"none","typ":"JWT"}"#);
         let body = encode_url(format!(r#"{{"sub":"alice","exp":{}}}"#, now() + 60).as_bytes());
         let token = format!("{header}.{body}.");
-        assert_eq!(
-            hs256(None).verify(&token).unwrap_err(),
-            AuthError::WrongAlgorithm("HS256")
-        );
+        assert_eq!(hs256(None).verify(&token).unwrap_err(), AuthError::WrongAlgorithm("HS256"));
     }
 
     #[test]
     fn issued_tokens_verify() {
         let topics = vec!["post:*".to_owned()];
-        let request = TokenRequest {
-            sub: "alice",
-            topics: &topics,
-            ttl: Duration::from_secs(60),
-            audience: None,
-            issuer: None,
-        };
+        let request =
+            TokenRequest { sub: "alice", topics: &topics, ttl: Duration::from_secs(60), audience: None, issuer: None };
         let token = issue_token("0123456789abcdef0123456789abcdef", &request).expect("signs");
         let identity = hs256(None).verify(&token).expect("verifies");
         assert_eq!(&*identity.user, "alice");
@@ -428,30 +365,19 @@ mod tests {
         let auth = hs256(Some("app"));
         let none = sign(Algorithm::HS256, json!({"sub": "a", "exp": now() + 60}));
         assert_eq!(auth.verify(&none).unwrap_err(), AuthError::WrongAudience);
-        let wrong = sign(
-            Algorithm::HS256,
-            json!({"sub": "a", "exp": now() + 60, "aud": "other"}),
-        );
+        let wrong = sign(Algorithm::HS256, json!({"sub": "a", "exp": now() + 60, "aud": "other"}));
         assert_eq!(auth.verify(&wrong).unwrap_err(), AuthError::WrongAudience);
-        let right = sign(
-            Algorithm::HS256,
-            json!({"sub": "a", "exp": now() + 60, "aud": "app"}),
-        );
+        let right = sign(Algorithm::HS256, json!({"sub": "a", "exp": now() + 60, "aud": "app"}));
         assert!(auth.verify(&right).is_ok());
     }
 
     /// Just enough unpadded base64url to forge an `alg: none` token without another dependency.
     mod base64_like {
         pub fn encode_url(input: &[u8]) -> String {
-            const ABC: &[u8; 64] =
-                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+            const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
             let mut out = String::new();
             for chunk in input.chunks(3) {
-                let b = [
-                    chunk[0],
-                    *chunk.get(1).unwrap_or(&0),
-                    *chunk.get(2).unwrap_or(&0),
-                ];
+                let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
                 let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
                 for i in 0..=chunk.len() {
                     out.push(ABC[((n >> (18 - 6 * i)) & 63) as usize] as char);

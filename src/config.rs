@@ -55,21 +55,11 @@ pub struct TokenArgs {
 #[derive(Debug, Args)]
 pub struct Options {
     /// PostgreSQL URL (postgres://user:pass@host:5432/db) or key=value connection string.
-    #[arg(
-        long,
-        env = "NUDGE_DATABASE_URL",
-        global = true,
-        hide_env_values = true
-    )]
+    #[arg(long, env = "NUDGE_DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
 
     /// Address for HTTP and WebSocket.
-    #[arg(
-        long,
-        env = "NUDGE_LISTEN",
-        default_value = "127.0.0.1:8080",
-        global = true
-    )]
+    #[arg(long, env = "NUDGE_LISTEN", default_value = "127.0.0.1:8080", global = true)]
     pub listen: SocketAddr,
 
     /// PEM certificate chain: serve TLS (https/wss) with it. Needs --tls-key.
@@ -89,12 +79,7 @@ pub struct Options {
     pub jwt_public_key: Option<PathBuf>,
 
     /// Token algorithm; tokens signed with any other are refused.
-    #[arg(
-        long,
-        env = "NUDGE_JWT_ALGORITHM",
-        default_value = "HS256",
-        global = true
-    )]
+    #[arg(long, env = "NUDGE_JWT_ALGORITHM", default_value = "HS256", global = true)]
     pub jwt_algorithm: JwtAlgorithm,
 
     /// Required `aud` claim.
@@ -114,12 +99,7 @@ pub struct Options {
     pub auth_timeout: Duration,
 
     /// Comma-separated Origins allowed to upgrade (default: any). Requests without Origin are allowed.
-    #[arg(
-        long,
-        env = "NUDGE_ALLOWED_ORIGINS",
-        value_delimiter = ',',
-        global = true
-    )]
+    #[arg(long, env = "NUDGE_ALLOWED_ORIGINS", value_delimiter = ',', global = true)]
     pub allowed_origins: Vec<String>,
 
     /// Fallback poll: claims anything a missed NOTIFY left behind.
@@ -147,12 +127,7 @@ pub struct Options {
     pub max_message_size: u32,
 
     /// Topics one connection may subscribe to.
-    #[arg(
-        long,
-        env = "NUDGE_MAX_SUBSCRIPTIONS",
-        default_value_t = 100,
-        global = true
-    )]
+    #[arg(long, env = "NUDGE_MAX_SUBSCRIPTIONS", default_value_t = 100, global = true)]
     pub max_subscriptions: usize,
 
     /// Events queued per connection; a client that lets it overflow is closed with 1013.
@@ -190,11 +165,7 @@ pub enum ConfigError {
     #[error("TLS needs both NUDGE_TLS_CERT and NUDGE_TLS_KEY")]
     TlsHalf,
     #[error("cannot read TLS {what} {path}: {reason}")]
-    Tls {
-        what: &'static str,
-        path: PathBuf,
-        reason: String,
-    },
+    Tls { what: &'static str, path: PathBuf, reason: String },
 }
 
 /// Limits applied to each WebSocket connection.
@@ -235,10 +206,7 @@ pub struct ServeConfig {
 
 impl Options {
     pub fn database(&self) -> Result<tokio_postgres::Config, ConfigError> {
-        let url = self
-            .database_url
-            .as_deref()
-            .ok_or(ConfigError::MissingDatabaseUrl)?;
+        let url = self.database_url.as_deref().ok_or(ConfigError::MissingDatabaseUrl)?;
         let mut config = tokio_postgres::Config::from_str(url)
             // tokio-postgres' messages never echo the password back.
             .map_err(|e| ConfigError::BadDatabaseUrl(e.to_string()))?;
@@ -325,19 +293,14 @@ impl Options {
             (Some(cert), Some(key)) => (cert, key),
             _ => return Err(ConfigError::TlsHalf),
         };
-        let bad = |what, path: &PathBuf, reason: String| ConfigError::Tls {
-            what,
-            path: path.clone(),
-            reason,
-        };
+        let bad = |what, path: &PathBuf, reason: String| ConfigError::Tls { what, path: path.clone(), reason };
         let certs = CertificateDer::pem_file_iter(cert_path)
             .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
             .map_err(|e| bad("certificate", cert_path, e.to_string()))?;
         if certs.is_empty() {
             return Err(bad("certificate", cert_path, "no CERTIFICATE block".into()));
         }
-        let key = PrivateKeyDer::from_pem_file(key_path)
-            .map_err(|e| bad("key", key_path, e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| bad("key", key_path, e.to_string()))?;
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -345,15 +308,12 @@ impl Options {
             .map_err(|e| bad("certificate/key pair", cert_path, e.to_string()))?;
         // WebSocket upgrades are HTTP/1.1.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Some(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(
-            config,
-        ))))
+        Ok(Some(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))))
     }
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|e| format!("{e} (write durations like 250ms, 10s, 5m, 1h)"))
+    humantime::parse_duration(text.trim()).map_err(|e| format!("{e} (write durations like 250ms, 10s, 5m, 1h)"))
 }
 
 #[cfg(test)]

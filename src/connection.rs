@@ -88,23 +88,13 @@ pub async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let rate = RateLimit::new(shared.limits.client_rate);
-    let mut connection = Connection {
-        ws,
-        shared,
-        peer,
-        session: None,
-        rate,
-        last_heard: Instant::now(),
-    };
+    let mut connection = Connection { ws, shared, peer, session: None, rate, last_heard: Instant::now() };
     let reason = connection.run(identity, shutdown).await;
     match &connection.session {
         Some(session) => {
             tracing::info!(conn = session.id, user = %session.identity.user, %peer, %reason, "connection closed");
             let topics = session.topics.iter().map(|t| &**t);
-            connection
-                .shared
-                .hub
-                .unregister(session.id, &session.identity.user, topics);
+            connection.shared.hub.unregister(session.id, &session.identity.user, topics);
         }
         None => tracing::info!(user = "-", %peer, %reason, "connection closed"),
     }
@@ -133,8 +123,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 return format!("write failed: {e}");
             }
         }
-        let mut ping =
-            tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
+        let mut ping = tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
         loop {
@@ -172,21 +161,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             match step {
                 Step::Continue => {}
                 Step::Gone(reason) => return reason,
-                Step::Close {
-                    code,
-                    reason,
-                    error,
-                } => {
+                Step::Close { code, reason, error } => {
                     if let Some((code, message, reference)) = error {
-                        let _ = self
-                            .reply(
-                                Reply::Error {
-                                    code,
-                                    message: &message,
-                                },
-                                reference.as_ref(),
-                            )
-                            .await;
+                        let _ = self.reply(Reply::Error { code, message: &message }, reference.as_ref()).await;
                     }
                     self.close(code, reason).await;
                     return reason.to_owned();
@@ -207,11 +184,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 return Step::Close {
                     code: protocol::CLOSE_TOO_LARGE,
                     reason: "frame too large",
-                    error: Some((
-                        ErrorCode::TooLarge,
-                        format!("frames are limited to {limit} bytes"),
-                        None,
-                    )),
+                    error: Some((ErrorCode::TooLarge, format!("frames are limited to {limit} bytes"), None)),
                 };
             }
             Some(Err(e)) => return Step::Gone(format!("read failed: {e}")),
@@ -222,16 +195,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Message::Text(text) => text,
             Message::Binary(_) => {
                 if !self.rate.allow() {
-                    return self
-                        .error(ErrorCode::RateLimited, self.rate.message(), None)
-                        .await;
+                    return self.error(ErrorCode::RateLimited, self.rate.message(), None).await;
                 }
                 return self
-                    .error(
-                        ErrorCode::BadRequest,
-                        "binary frames are not supported: send JSON text".into(),
-                        None,
-                    )
+                    .error(ErrorCode::BadRequest, "binary frames are not supported: send JSON text".into(), None)
                     .await;
             }
             // tungstenite answers the close handshake itself on the next write or flush.
@@ -243,19 +210,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         };
         if !self.rate.allow() {
             let reference = protocol::parse(&text).ok().and_then(|i| i.reference);
-            return self
-                .error(ErrorCode::RateLimited, self.rate.message(), reference)
-                .await;
+            return self.error(ErrorCode::RateLimited, self.rate.message(), reference).await;
         }
         match protocol::parse(&text) {
-            Ok(inbound) => {
-                self.on_request(inbound.request, inbound.reference, deadline)
-                    .await
-            }
-            Err(bad) => {
-                self.error(ErrorCode::BadRequest, bad.message, bad.reference)
-                    .await
-            }
+            Ok(inbound) => self.on_request(inbound.request, inbound.reference, deadline).await,
+            Err(bad) => self.error(ErrorCode::BadRequest, bad.message, bad.reference).await,
         }
     }
 
@@ -276,55 +235,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     Err(e) => unauthorized(e.to_string(), reference),
                 },
                 Request::Ping => written(self.reply(Reply::Pong, reference).await),
-                _ => unauthorized(
-                    "authenticate first: send {\"type\":\"auth\",\"token\":...}".into(),
-                    reference,
-                ),
+                _ => unauthorized("authenticate first: send {\"type\":\"auth\",\"token\":...}".into(), reference),
             };
         };
         match request {
             Request::Auth { .. } => {
                 let message = "already authenticated; send refresh to replace the token".into();
-                self.error(ErrorCode::BadRequest, message, reference.cloned())
-                    .await
+                self.error(ErrorCode::BadRequest, message, reference.cloned()).await
             }
             Request::Subscribe { topic } => {
                 if let Err(message) = protocol::check_topic(&topic) {
-                    return self
-                        .error(ErrorCode::BadRequest, message, reference.cloned())
-                        .await;
+                    return self.error(ErrorCode::BadRequest, message, reference.cloned()).await;
                 }
                 if !session.identity.topics.allows(&topic) {
                     let message = format!("your token does not allow subscribing to {topic}");
-                    return self
-                        .error(ErrorCode::Forbidden, message, reference.cloned())
-                        .await;
+                    return self.error(ErrorCode::Forbidden, message, reference.cloned()).await;
                 }
                 if !session.topics.iter().any(|t| **t == *topic) {
                     let max = self.shared.limits.max_subscriptions;
                     if session.topics.len() >= max {
                         let message = format!("a connection may hold at most {max} subscriptions");
-                        return self
-                            .error(ErrorCode::Forbidden, message, reference.cloned())
-                            .await;
+                        return self.error(ErrorCode::Forbidden, message, reference.cloned()).await;
                     }
                     self.shared.hub.subscribe(session.id, &topic);
                     session.topics.push(topic.as_str().into());
                 }
-                written(
-                    self.reply(Reply::Subscribed { topic: &topic }, reference)
-                        .await,
-                )
+                written(self.reply(Reply::Subscribed { topic: &topic }, reference).await)
             }
             Request::Unsubscribe { topic } => {
                 if let Some(at) = session.topics.iter().position(|t| **t == *topic) {
                     session.topics.swap_remove(at);
                     self.shared.hub.unsubscribe(session.id, &topic);
                 }
-                written(
-                    self.reply(Reply::Unsubscribed { topic: &topic }, reference)
-                        .await,
-                )
+                written(self.reply(Reply::Unsubscribed { topic: &topic }, reference).await)
             }
             Request::Wakeup => {
                 self.shared.wakeups.wake();
@@ -336,20 +279,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     Ok(identity) if identity.user == session.identity.user => identity,
                     Ok(_) => {
                         let message = crate::auth::AuthError::OtherUser.to_string();
-                        return self
-                            .error(ErrorCode::Forbidden, message, reference.cloned())
-                            .await;
+                        return self.error(ErrorCode::Forbidden, message, reference.cloned()).await;
                     }
-                    Err(e) => {
-                        return self
-                            .error(ErrorCode::Unauthorized, e.to_string(), reference.cloned())
-                            .await
-                    }
+                    Err(e) => return self.error(ErrorCode::Unauthorized, e.to_string(), reference.cloned()).await,
                 };
                 // The new token's topics replace the old: drop what it no longer allows.
-                let (kept, revoked): (Vec<_>, Vec<_>) = std::mem::take(&mut session.topics)
-                    .into_iter()
-                    .partition(|t| identity.topics.allows(t));
+                let (kept, revoked): (Vec<_>, Vec<_>) =
+                    std::mem::take(&mut session.topics).into_iter().partition(|t| identity.topics.allows(t));
                 session.topics = kept;
                 for topic in &revoked {
                     self.shared.hub.unsubscribe(session.id, topic);
@@ -368,31 +304,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Register with the hub and tell the client it is `ready`.
-    async fn authenticate(
-        &mut self,
-        identity: Identity,
-        reference: Option<&Value>,
-    ) -> Result<(), WsError> {
-        let (id, outbox) = self
-            .shared
-            .hub
-            .register(&identity.user, self.shared.limits.outbound_queue);
-        self.shared
-            .metrics
-            .connections_opened
-            .fetch_add(1, Ordering::Relaxed);
+    async fn authenticate(&mut self, identity: Identity, reference: Option<&Value>) -> Result<(), WsError> {
+        let (id, outbox) = self.shared.hub.register(&identity.user, self.shared.limits.outbound_queue);
+        self.shared.metrics.connections_opened.fetch_add(1, Ordering::Relaxed);
         tracing::info!(conn = id, user = %identity.user, peer = %self.peer, "connection opened");
-        let ready = Reply::Ready {
-            user: &identity.user,
-            expires_at: identity.expires_at,
-        }
-        .encode(reference);
-        self.session = Some(Session {
-            id,
-            identity,
-            outbox,
-            topics: Vec::new(),
-        });
+        let ready = Reply::Ready { user: &identity.user, expires_at: identity.expires_at }.encode(reference);
+        self.session = Some(Session { id, identity, outbox, topics: Vec::new() });
         self.write(Message::Text(ready.into())).await
     }
 
@@ -419,22 +336,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     async fn reply(&mut self, reply: Reply<'_>, reference: Option<&Value>) -> Result<(), WsError> {
-        self.write(Message::Text(reply.encode(reference).into()))
-            .await
+        self.write(Message::Text(reply.encode(reference).into())).await
     }
 
     /// Send an error that leaves the connection open.
     async fn error(&mut self, code: ErrorCode, message: String, reference: Option<Value>) -> Step {
-        written(
-            self.reply(
-                Reply::Error {
-                    code,
-                    message: &message,
-                },
-                reference.as_ref(),
-            )
-            .await,
-        )
+        written(self.reply(Reply::Error { code, message: &message }, reference.as_ref()).await)
     }
 
     async fn write(&mut self, message: Message) -> Result<(), WsError> {
@@ -446,10 +353,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Send a close frame and wait (briefly) for the peer's, so the client reads our code rather than a reset.
     async fn close(&mut self, code: u16, reason: &str) {
-        let frame = CloseFrame {
-            code: CloseCode::from(code),
-            reason: reason.into(),
-        };
+        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             if self.ws.close(Some(frame)).await.is_ok() {
                 while let Some(Ok(_)) = self.ws.next().await {}
@@ -497,17 +401,12 @@ struct RateLimit {
 
 impl RateLimit {
     fn new(rate: u32) -> Self {
-        RateLimit {
-            rate: rate as f32,
-            tokens: rate as f32,
-            last: Instant::now(),
-        }
+        RateLimit { rate: rate as f32, tokens: rate as f32, last: Instant::now() }
     }
 
     fn allow(&mut self) -> bool {
         let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f32() * self.rate).min(self.rate);
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f32() * self.rate).min(self.rate);
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -518,9 +417,6 @@ impl RateLimit {
     }
 
     fn message(&self) -> String {
-        format!(
-            "more than {} messages per second; this one was dropped",
-            self.rate
-        )
+        format!("more than {} messages per second; this one was dropped", self.rate)
     }
 }

@@ -35,11 +35,7 @@ impl Readiness {
 
     /// `Ok` when the schema is current and LISTEN is up; otherwise why not.
     pub fn check(&self) -> Result<(), String> {
-        let error = self
-            .last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let error = self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let detail = error.map(|e| format!(": {e}")).unwrap_or_default();
         if !self.schema_ready.load(Ordering::SeqCst) {
             return Err(format!("database schema not ready{detail}"));
@@ -68,52 +64,25 @@ impl Metrics {
     pub fn render(&self, connections: usize, wakeups: u64) -> String {
         let mut out = String::new();
         let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
         };
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        counter(
-            "nudge_wakeups_total",
-            "Wake-ups requested (NOTIFY, client wakeup, poll).",
-            wakeups,
-        );
-        counter(
-            "nudge_claim_passes_total",
-            "Claim passes run.",
-            get(&self.claim_passes),
-        );
-        counter(
-            "nudge_events_claimed_total",
-            "Events claimed and marked processed.",
-            get(&self.claimed),
-        );
+        counter("nudge_wakeups_total", "Wake-ups requested (NOTIFY, client wakeup, poll).", wakeups);
+        counter("nudge_claim_passes_total", "Claim passes run.", get(&self.claim_passes));
+        counter("nudge_events_claimed_total", "Events claimed and marked processed.", get(&self.claimed));
         counter(
             "nudge_events_expired_total",
             "Claimed events older than the max age, not delivered.",
             get(&self.expired),
         );
-        counter(
-            "nudge_deliveries_total",
-            "Event frames queued to connections.",
-            get(&self.delivered),
-        );
+        counter("nudge_deliveries_total", "Event frames queued to connections.", get(&self.delivered));
         counter(
             "nudge_slow_consumers_total",
             "Connections closed because their queue overflowed.",
             get(&self.overflowed),
         );
-        counter(
-            "nudge_events_deleted_total",
-            "Processed events deleted by retention.",
-            get(&self.deleted),
-        );
-        counter(
-            "nudge_connections_opened_total",
-            "Authenticated connections opened.",
-            get(&self.connections_opened),
-        );
+        counter("nudge_events_deleted_total", "Processed events deleted by retention.", get(&self.deleted));
+        counter("nudge_connections_opened_total", "Authenticated connections opened.", get(&self.connections_opened));
         let _ = writeln!(
             out,
             "# HELP nudge_connections Authenticated connections open now.\n# TYPE nudge_connections gauge\nnudge_connections {connections}"

@@ -54,12 +54,7 @@ struct Peer(SocketAddr);
 pub type ExtraRoutes = BoxedFilter<(Response,)>;
 
 /// Accept connections until shutdown; with `tls`, every connection is a TLS one (wss).
-pub async fn serve(
-    listener: TcpListener,
-    server: Arc<Server>,
-    tls: Option<TlsAcceptor>,
-    extra: Option<ExtraRoutes>,
-) {
+pub async fn serve(listener: TcpListener, server: Arc<Server>, tls: Option<TlsAcceptor>, extra: Option<ExtraRoutes>) {
     let service = warp::service(routes(server.clone(), extra));
     let mut shutdown = server.shutdown.clone();
     loop {
@@ -81,14 +76,11 @@ pub async fn serve(
         tokio::spawn(async move {
             match tls {
                 None => serve_http(stream, service, peer).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                    {
-                        Ok(Ok(stream)) => serve_http(stream, service, peer).await,
-                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                }
+                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => serve_http(stream, service, peer).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
             }
         });
     }
@@ -101,19 +93,15 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 async fn serve_http<IO, S>(io: IO, service: S, peer: SocketAddr)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: Service<hyper::Request<Incoming>, Response = Response, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<hyper::Request<Incoming>, Response = Response, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(Peer(peer));
         service.clone().call(request)
     });
-    let connection = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(io), service)
-        .with_upgrades();
+    let connection =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service).with_upgrades();
     if let Err(e) = connection.await {
         tracing::debug!(%peer, "http connection ended: {e}");
     }
@@ -128,62 +116,30 @@ fn routes(server: Arc<Server>, extra: Option<ExtraRoutes>) -> BoxedFilter<(Respo
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::ext::optional::<OnUpgrade>())
         .and(warp::ext::optional::<Peer>())
-        .map(
-            |server: Arc<Server>,
-             headers: HeaderMap,
-             query: String,
-             on_upgrade,
-             peer: Option<Peer>| {
-                let peer = peer
-                    .map(|p| p.0)
-                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-                upgrade(&server, &headers, &query, on_upgrade, peer)
-            },
-        );
-    let healthz = warp::path!("healthz")
-        .and(warp::get())
-        .map(|| "ok\n".into_response());
-    let readyz = warp::path!("readyz")
-        .and(warp::get())
-        .and(with_server.clone())
-        .then(|server: Arc<Server>| async move {
+        .map(|server: Arc<Server>, headers: HeaderMap, query: String, on_upgrade, peer: Option<Peer>| {
+            let peer = peer.map(|p| p.0).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+            upgrade(&server, &headers, &query, on_upgrade, peer)
+        });
+    let healthz = warp::path!("healthz").and(warp::get()).map(|| "ok\n".into_response());
+    let readyz =
+        warp::path!("readyz").and(warp::get()).and(with_server.clone()).then(|server: Arc<Server>| async move {
             match ready(&server).await {
                 Ok(()) => "ready\n".into_response(),
-                Err(reason) => plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: {reason}\n"),
-                ),
+                Err(reason) => plain(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
             }
         });
-    let metrics = warp::path!("metrics")
-        .and(warp::get())
-        .and(with_server)
-        .map(|server: Arc<Server>| {
-            let shared = &server.shared;
-            let text = shared
-                .metrics
-                .render(shared.hub.connections(), shared.wakeups.requested());
-            let mut response = text.into_response();
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            response
-        });
-    let mut all = ws
-        .or(healthz)
-        .unify()
-        .or(readyz)
-        .unify()
-        .or(metrics)
-        .unify()
-        .boxed();
+    let metrics = warp::path!("metrics").and(warp::get()).and(with_server).map(|server: Arc<Server>| {
+        let shared = &server.shared;
+        let text = shared.metrics.render(shared.hub.connections(), shared.wakeups.requested());
+        let mut response = text.into_response();
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+        response
+    });
+    let mut all = ws.or(healthz).unify().or(readyz).unify().or(metrics).unify().boxed();
     if let Some(extra) = extra {
         all = all.or(extra).unify().boxed();
     }
-    all.recover(|rejection| async move { Ok::<_, Infallible>(rejected(rejection)) })
-        .unify()
-        .boxed()
+    all.recover(|rejection| async move { Ok::<_, Infallible>(rejected(rejection)) }).unify().boxed()
 }
 
 /// A plain-text answer for a request no route took.
@@ -204,20 +160,14 @@ fn rejected(rejection: warp::Rejection) -> Response {
     } else {
         StatusCode::BAD_REQUEST
     };
-    plain(
-        status,
-        format!("{}\n", status.canonical_reason().unwrap_or("bad request")),
-    )
+    plain(status, format!("{}\n", status.canonical_reason().unwrap_or("bad request")))
 }
 
 async fn ready(server: &Server) -> Result<(), String> {
     server.readiness.check()?;
     let check = async {
         let client = server.pool.get().await.map_err(|e| e.to_string())?;
-        client
-            .simple_query("SELECT 1")
-            .await
-            .map_err(|e| e.to_string())?;
+        client.simple_query("SELECT 1").await.map_err(|e| e.to_string())?;
         Ok::<_, String>(())
     };
     match tokio::time::timeout(Duration::from_secs(2), check).await {
@@ -251,17 +201,12 @@ fn upgrade(
         is(header::CONNECTION, "upgrade"),
         is(header::SEC_WEBSOCKET_VERSION, "13"),
     ) else {
-        return plain(
-            StatusCode::BAD_REQUEST,
-            "expected a WebSocket upgrade (version 13) on /ws\n".into(),
-        );
+        return plain(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade (version 13) on /ws\n".into());
     };
 
     if !server.allowed_origins.is_empty() {
         if let Some(origin) = headers.get(header::ORIGIN) {
-            let allowed = origin
-                .to_str()
-                .is_ok_and(|o| server.allowed_origins.iter().any(|a| a == o));
+            let allowed = origin.to_str().is_ok_and(|o| server.allowed_origins.iter().any(|a| a == o));
             if !allowed {
                 return plain(StatusCode::FORBIDDEN, "origin not allowed\n".into());
             }
@@ -274,10 +219,9 @@ fn upgrade(
             Ok(identity) => Some(identity),
             Err(e) => {
                 let mut response = plain(StatusCode::UNAUTHORIZED, format!("{e}\n"));
-                response.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
-                );
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
                 return response;
             }
         },
@@ -285,10 +229,7 @@ fn upgrade(
 
     let Ok(slot) = server.slots.clone().try_acquire_owned() else {
         let limit = server.max_connections;
-        return plain(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("connection limit ({limit}) reached\n"),
-        );
+        return plain(StatusCode::SERVICE_UNAVAILABLE, format!("connection limit ({limit}) reached\n"));
     };
 
     let shared = server.shared.clone();
@@ -302,9 +243,7 @@ fn upgrade(
             }
         };
         let config = shared.websocket_config();
-        let ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                .await;
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
         connection::serve(ws, shared, identity, peer, shutdown).await;
         drop(slot);
     });
@@ -322,21 +261,11 @@ fn upgrade(
 
 /// The token from `Authorization: Bearer …` or the `token` query parameter, if either is there.
 fn token_from(headers: &HeaderMap, query: &str) -> Option<String> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, token) = v.trim().split_once(' ')?;
-            scheme
-                .eq_ignore_ascii_case("bearer")
-                .then(|| token.trim().to_owned())
-        });
-    bearer.or_else(|| {
-        query
-            .split('&')
-            .find_map(|pair| pair.strip_prefix("token="))
-            .map(percent_decode)
-    })
+    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
+        let (scheme, token) = v.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+    });
+    bearer.or_else(|| query.split('&').find_map(|pair| pair.strip_prefix("token=")).map(percent_decode))
 }
 
 fn percent_decode(text: &str) -> String {
@@ -375,14 +304,8 @@ mod tests {
     #[test]
     fn token_comes_from_bearer_header_or_query() {
         let mut headers = HeaderMap::new();
-        assert_eq!(
-            token_from(&headers, "a=1&token=abc.def%2Dg"),
-            Some("abc.def-g".into())
-        );
-        headers.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Bearer xyz"),
-        );
+        assert_eq!(token_from(&headers, "a=1&token=abc.def%2Dg"), Some("abc.def-g".into()));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer xyz"));
         assert_eq!(token_from(&headers, "token=abc"), Some("xyz".into()));
         assert_eq!(token_from(&HeaderMap::new(), "a=1"), None);
     }

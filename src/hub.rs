@@ -8,6 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -15,6 +16,9 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use crate::db::claim::ClaimedEvent;
 use crate::health::Metrics;
 use crate::protocol::EventFrame;
+
+/// How long routing waits for a full outbox to make room before it decides the client is not reading.
+pub const OVERFLOW_GRACE: Duration = Duration::from_millis(500);
 
 /// One connection's id, unique for the life of the process.
 pub type ConnId = u64;
@@ -61,12 +65,7 @@ impl Hub {
     }
 
     /// Remove a connection and all its subscriptions. Idempotent.
-    pub fn unregister<'t>(
-        &self,
-        id: ConnId,
-        user: &str,
-        topics: impl IntoIterator<Item = &'t str>,
-    ) {
+    pub fn unregister<'t>(&self, id: ConnId, user: &str, topics: impl IntoIterator<Item = &'t str>) {
         let mut maps = self.write();
         maps.outboxes.remove(&id);
         if let Some(conns) = maps.by_user.get_mut(user) {
@@ -92,58 +91,77 @@ impl Hub {
     }
 
     /// Route one claimed batch, in order. Called by the relay after the claim transaction committed.
-    pub fn route(&self, events: &[ClaimedEvent], metrics: &Metrics) -> Routed {
+    ///
+    /// Frames go into outboxes with `try_send` under the read lock. A connection whose outbox is full is not
+    /// dropped at once: a claim batch can hold more events for one connection than its queue, and a client
+    /// reading at full speed must not be punished for that. Its remaining frames of this batch are kept in
+    /// order and sent after the lock is released, waiting for room for at most `OVERFLOW_GRACE`; a connection
+    /// still full by then is not reading, and is dropped.
+    pub async fn route(&self, events: &[ClaimedEvent], metrics: &Metrics) -> Routed {
         let mut routed = Routed::default();
-        let mut overflowed: Vec<ConnId> = Vec::new();
+        // Connections that were full at some point in this batch, with the frames they still have to get.
+        let mut blocked: HashMap<ConnId, (mpsc::Sender<Frame>, Vec<Frame>)> = HashMap::new();
         {
             let maps = self.read();
             for event in events {
                 let frame = encode(event);
-                let mut push = |id: &ConnId| match maps
-                    .outboxes
-                    .get(id)
-                    .map(|tx| tx.try_send(frame.clone()))
-                {
-                    Some(Ok(())) => routed.delivered += 1,
-                    Some(Err(mpsc::error::TrySendError::Full(_))) => overflowed.push(*id),
-                    // Closed: the connection is on its way out. None: it never was authenticated here.
-                    Some(Err(mpsc::error::TrySendError::Closed(_))) | None => {}
+                let mut push = |id: &ConnId| {
+                    if let Some((_, waiting)) = blocked.get_mut(id) {
+                        // Behind earlier frames that are waiting: keep the order.
+                        waiting.push(frame.clone());
+                        return;
+                    }
+                    let Some(tx) = maps.outboxes.get(id) else { return };
+                    match tx.try_send(frame.clone()) {
+                        Ok(()) => routed.delivered += 1,
+                        Err(mpsc::error::TrySendError::Full(frame)) => {
+                            blocked.insert(*id, (tx.clone(), vec![frame]));
+                        }
+                        // The connection is on its way out.
+                        Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    }
                 };
                 match &event.recipients {
                     Some(users) => {
                         for user in users {
-                            maps.by_user
-                                .get(user.as_str())
-                                .into_iter()
-                                .flatten()
-                                .for_each(&mut push);
+                            maps.by_user.get(user.as_str()).into_iter().flatten().for_each(&mut push);
                         }
                     }
-                    None => maps
-                        .by_topic
-                        .get(event.topic.as_str())
-                        .into_iter()
-                        .flatten()
-                        .for_each(&mut push),
+                    None => maps.by_topic.get(event.topic.as_str()).into_iter().flatten().for_each(&mut push),
                 }
             }
         }
-        if !overflowed.is_empty() {
-            overflowed.sort_unstable();
-            overflowed.dedup();
-            let mut maps = self.write();
-            for id in &overflowed {
-                // Dropping the sender is the signal: the connection drains its queue, then closes with 1013.
-                maps.outboxes.remove(id);
+        if !blocked.is_empty() {
+            let deadline = tokio::time::Instant::now() + OVERFLOW_GRACE;
+            let waits = blocked.into_iter().map(|(id, (tx, frames))| async move {
+                let mut sent = 0u64;
+                for frame in frames {
+                    match tokio::time::timeout_at(deadline, tx.send(frame)).await {
+                        Ok(Ok(())) => sent += 1,
+                        Ok(Err(_closed)) => return (id, sent, false),
+                        Err(_elapsed) => return (id, sent, true),
+                    }
+                }
+                (id, sent, false)
+            });
+            let mut overflowed = Vec::new();
+            for (id, sent, stuck) in futures_util::future::join_all(waits).await {
+                routed.delivered += sent;
+                if stuck {
+                    overflowed.push(id);
+                }
             }
-            routed.overflowed = overflowed.len() as u64;
+            if !overflowed.is_empty() {
+                let mut maps = self.write();
+                for id in &overflowed {
+                    // Dropping the sender is the signal: the connection drains its queue, then closes with 1013.
+                    maps.outboxes.remove(id);
+                }
+                routed.overflowed = overflowed.len() as u64;
+            }
         }
-        metrics
-            .delivered
-            .fetch_add(routed.delivered, Ordering::Relaxed);
-        metrics
-            .overflowed
-            .fetch_add(routed.overflowed, Ordering::Relaxed);
+        metrics.delivered.fetch_add(routed.delivered, Ordering::Relaxed);
+        metrics.overflowed.fetch_add(routed.overflowed, Ordering::Relaxed);
         routed
     }
 
@@ -202,8 +220,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn routes_personal_events_to_every_connection_of_the_user_and_topic_events_to_subscribers() {
+    #[tokio::test]
+    async fn routes_personal_events_to_every_connection_of_the_user_and_topic_events_to_subscribers() {
         let hub = Hub::new();
         let metrics = Metrics::default();
         let alice: Arc<str> = "alice".into();
@@ -214,49 +232,49 @@ mod tests {
         hub.subscribe(b1, "post:1");
         hub.subscribe(a1, "post:2");
 
-        let routed = hub.route(
-            &[event(1, "x", Some(&["alice"])), event(2, "post:1", None)],
-            &metrics,
-        );
-        assert_eq!(
-            routed,
-            Routed {
-                delivered: 3,
-                overflowed: 0
-            }
-        );
+        let routed = hub.route(&[event(1, "x", Some(&["alice"])), event(2, "post:1", None)], &metrics).await;
+        assert_eq!(routed, Routed { delivered: 3, overflowed: 0 });
         assert!(rx_a1.try_recv().expect("a1").contains("\"id\":1"));
         assert!(rx_a2.try_recv().expect("a2").contains("\"id\":1"));
         assert!(rx_b1.try_recv().expect("b1").contains("\"id\":2"));
         assert!(rx_a1.try_recv().is_err());
 
         hub.unregister(a1, "alice", ["post:2"]);
-        assert_eq!(
-            hub.route(&[event(3, "post:2", None)], &metrics).delivered,
-            0
-        );
+        assert_eq!(hub.route(&[event(3, "post:2", None)], &metrics).await.delivered, 0);
     }
 
-    #[test]
-    fn an_overflowing_outbox_is_dropped_not_grown() {
+    #[tokio::test(start_paused = true)]
+    async fn a_full_outbox_that_stays_full_is_dropped_not_grown() {
         let hub = Hub::new();
         let metrics = Metrics::default();
         let user: Arc<str> = "u".into();
         let (_id, mut rx) = hub.register(&user, 2);
         let events: Vec<_> = (1..=3).map(|i| event(i, "t", Some(&["u"]))).collect();
-        assert_eq!(
-            hub.route(&events, &metrics),
-            Routed {
-                delivered: 2,
-                overflowed: 1
-            }
-        );
+        // Nobody reads: after the grace period the connection is dropped, with the queue still at its cap.
+        assert_eq!(hub.route(&events, &metrics).await, Routed { delivered: 2, overflowed: 1 });
         assert!(rx.try_recv().is_ok());
         assert!(rx.try_recv().is_ok());
         // Sender gone: the connection sees the end of its queue and closes with 1013.
-        assert!(matches!(
-            rx.try_recv(),
-            Err(mpsc::error::TryRecvError::Disconnected)
-        ));
+        assert!(matches!(rx.try_recv(), Err(mpsc::error::TryRecvError::Disconnected)));
+    }
+
+    #[tokio::test]
+    async fn a_reader_keeping_up_gets_a_batch_larger_than_its_queue_in_order() {
+        let hub = Arc::new(Hub::new());
+        let metrics = Metrics::default();
+        let user: Arc<str> = "u".into();
+        let (_id, mut rx) = hub.register(&user, 4);
+        let reader = tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while ids.len() < 100 {
+                let Some(frame) = rx.recv().await else { break };
+                let value: serde_json::Value = serde_json::from_str(&frame).expect("json");
+                ids.push(value["id"].as_i64().expect("id"));
+            }
+            ids
+        });
+        let events: Vec<_> = (1..=100).map(|i| event(i, "t", Some(&["u"]))).collect();
+        assert_eq!(hub.route(&events, &metrics).await, Routed { delivered: 100, overflowed: 0 });
+        assert_eq!(reader.await.expect("reader"), (1..=100).collect::<Vec<_>>());
     }
 }

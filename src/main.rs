@@ -18,13 +18,7 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             let rendered = e.to_string();
-            eprintln!(
-                "{}",
-                rendered
-                    .lines()
-                    .next()
-                    .unwrap_or("error: invalid arguments")
-            );
+            eprintln!("{}", rendered.lines().next().unwrap_or("error: invalid arguments"));
             return ExitCode::from(2);
         }
     };
@@ -37,10 +31,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -77,19 +68,14 @@ impl From<ConfigError> for Failure {
 
 async fn run(command: Command, options: Options) -> Result<(), Failure> {
     match command {
-        Command::Serve => node::run(options.serve_config()?, None, |_| {})
-            .await
-            .map_err(|e| Failure::Runtime(e.to_string())),
+        Command::Serve => {
+            node::run(options.serve_config()?, None, |_| {}).await.map_err(|e| Failure::Runtime(e.to_string()))
+        }
         Command::Migrate => {
             let database = options.database()?;
-            let applied = db::migrate::migrate(&database)
-                .await
-                .map_err(|e| Failure::Runtime(e.to_string()))?;
+            let applied = db::migrate::migrate(&database).await.map_err(|e| Failure::Runtime(e.to_string()))?;
             match applied.as_slice() {
-                [] => tracing::info!(
-                    version = db::migrate::latest_version(),
-                    "schema already current"
-                ),
+                [] => tracing::info!(version = db::migrate::latest_version(), "schema already current"),
                 versions => tracing::info!(?versions, "schema migrated"),
             }
             Ok(())
@@ -123,8 +109,7 @@ fn token(options: &Options, args: &TokenArgs) -> Result<(), Failure> {
         audience: options.jwt_audience.as_deref(),
         issuer: options.jwt_issuer.as_deref(),
     };
-    let token = auth::issue_token(secret, &request)
-        .map_err(|e| Failure::Runtime(format!("cannot sign: {e}")))?;
+    let token = auth::issue_token(secret, &request).map_err(|e| Failure::Runtime(format!("cannot sign: {e}")))?;
     println!("{token}");
     Ok(())
 }

@@ -27,10 +27,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(9);
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { addr: SocketAddr, source: std::io::Error },
     #[error("cannot build the database pool: {0}")]
     Pool(#[from] deadpool_postgres::BuildError),
 }
@@ -55,16 +52,9 @@ pub async fn run(
         migrate,
     } = config;
     let pool = db::pool(&database, pool_size)?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: listen,
-            source,
-        })?;
-    let local = listener.local_addr().map_err(|source| StartError::Listen {
-        addr: listen,
-        source,
-    })?;
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|source| StartError::Listen { addr: listen, source })?;
+    let local = listener.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?;
 
     let (trigger, shutdown) = shutdown::channel();
     let hub = Arc::new(Hub::new());
@@ -88,30 +78,14 @@ pub async fn run(
         max_connections,
         shutdown: shutdown.clone(),
     });
-    let relay = Arc::new(Relay {
-        pool,
-        hub,
-        wakeups,
-        metrics,
-        readiness,
-        settings: relay,
-    });
+    let relay = Arc::new(Relay { pool, hub, wakeups, metrics, readiness, settings: relay });
 
-    let scheme = if tls.is_some() {
-        "https/wss"
-    } else {
-        "http/ws"
-    };
+    let scheme = if tls.is_some() { "https/wss" } else { "http/ws" };
     let http_task = tokio::spawn(http::serve(listener, server, tls, extra_routes));
     tracing::info!("listening on {local} ({scheme})");
     on_listening(local);
 
-    let relay_task = tokio::spawn(run_database_side(
-        relay,
-        database,
-        migrate,
-        shutdown.clone(),
-    ));
+    let relay_task = tokio::spawn(run_database_side(relay, database, migrate, shutdown.clone()));
 
     shutdown::os_signal().await;
     tracing::info!("shutting down: closing connections, finishing the claim pass in progress");
@@ -131,21 +105,11 @@ pub async fn run(
 }
 
 /// Schema first (retrying while the database is away), then LISTEN, poll, retention, and the claim loop.
-async fn run_database_side(
-    relay: Arc<Relay>,
-    database: tokio_postgres::Config,
-    migrate: bool,
-    shutdown: Shutdown,
-) {
+async fn run_database_side(relay: Arc<Relay>, database: tokio_postgres::Config, migrate: bool, shutdown: Shutdown) {
     if !relay::prepare_schema(&database, migrate, &relay.readiness, shutdown.clone()).await {
         return;
     }
-    tokio::spawn(db::listen::run(
-        database,
-        relay.wakeups.clone(),
-        relay.readiness.clone(),
-        shutdown.clone(),
-    ));
+    tokio::spawn(db::listen::run(database, relay.wakeups.clone(), relay.readiness.clone(), shutdown.clone()));
     tokio::spawn({
         let (relay, shutdown) = (relay.clone(), shutdown.clone());
         async move { relay.run_poll(shutdown).await }

@@ -66,9 +66,7 @@ pub fn parse(text: &str) -> Result<Inbound, BadRequest> {
 pub fn check_topic(topic: &str) -> Result<(), String> {
     let chars = topic.chars().count();
     if chars == 0 || chars > 200 {
-        return Err(format!(
-            "a topic is 1 to 200 characters, this one has {chars}"
-        ));
+        return Err(format!("a topic is 1 to 200 characters, this one has {chars}"));
     }
     if topic.chars().any(char::is_whitespace) {
         return Err("a topic may not contain whitespace".into());
@@ -132,51 +130,27 @@ mod tests {
     #[test]
     fn parses_every_request_and_keeps_ref() {
         let inbound = parse(r#"{"type":"subscribe","topic":"post:42","ref":7}"#).expect("valid");
-        assert_eq!(
-            inbound.request,
-            Request::Subscribe {
-                topic: "post:42".into()
-            }
-        );
+        assert_eq!(inbound.request, Request::Subscribe { topic: "post:42".into() });
         assert_eq!(inbound.reference, Some(json!(7)));
-        assert_eq!(
-            parse(r#"{"type":"wakeup"}"#).expect("valid").request,
-            Request::Wakeup
-        );
-        assert_eq!(
-            parse(r#"{"type":"ping"}"#).expect("valid").request,
-            Request::Ping
-        );
+        assert_eq!(parse(r#"{"type":"wakeup"}"#).expect("valid").request, Request::Wakeup);
+        assert_eq!(parse(r#"{"type":"ping"}"#).expect("valid").request, Request::Ping);
     }
 
     #[test]
     fn bad_requests_say_what_is_wrong() {
-        assert!(parse("{")
-            .unwrap_err()
-            .message
-            .starts_with("malformed JSON"));
+        assert!(parse("{").unwrap_err().message.starts_with("malformed JSON"));
         assert_eq!(parse("[1]").unwrap_err().message, "expected a JSON object");
         let unknown = parse(r#"{"type":"subscrbe","ref":"a"}"#).unwrap_err();
-        assert!(
-            unknown.message.starts_with("unknown type `subscrbe`"),
-            "{}",
-            unknown.message
-        );
+        assert!(unknown.message.starts_with("unknown type `subscrbe`"), "{}", unknown.message);
         assert_eq!(unknown.reference, Some(json!("a")));
-        assert_eq!(
-            parse(r#"{"type":"subscribe"}"#).unwrap_err().message,
-            "missing field `topic`"
-        );
+        assert_eq!(parse(r#"{"type":"subscribe"}"#).unwrap_err().message, "missing field `topic`");
     }
 
     #[test]
     fn replies_echo_ref() {
         let text = Reply::Subscribed { topic: "t" }.encode(Some(&json!("r1")));
         let value: Value = serde_json::from_str(&text).expect("json");
-        assert_eq!(
-            value,
-            json!({"type": "subscribed", "topic": "t", "ref": "r1"})
-        );
+        assert_eq!(value, json!({"type": "subscribed", "topic": "t", "ref": "r1"}));
     }
 
     #[test]

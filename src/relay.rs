@@ -56,17 +56,11 @@ impl Relay {
     async fn pass(&self) -> Result<(), claim::ClaimError> {
         self.metrics.claim_passes.fetch_add(1, Ordering::Relaxed);
         loop {
-            let batch =
-                claim::claim_batch(&self.pool, self.settings.claim_batch, self.settings.max_age)
-                    .await?;
-            self.metrics
-                .claimed
-                .fetch_add(batch.claimed as u64, Ordering::Relaxed);
-            self.metrics
-                .expired
-                .fetch_add(batch.expired as u64, Ordering::Relaxed);
+            let batch = claim::claim_batch(&self.pool, self.settings.claim_batch, self.settings.max_age).await?;
+            self.metrics.claimed.fetch_add(batch.claimed as u64, Ordering::Relaxed);
+            self.metrics.expired.fetch_add(batch.expired as u64, Ordering::Relaxed);
             if !batch.events.is_empty() {
-                let routed = self.hub.route(&batch.events, &self.metrics);
+                let routed = self.hub.route(&batch.events, &self.metrics).await;
                 tracing::debug!(
                     claimed = batch.claimed,
                     expired = batch.expired,
@@ -94,8 +88,7 @@ impl Relay {
 
     /// Delete processed rows older than the retention, in small batches.
     pub async fn run_retention(&self, mut shutdown: Shutdown) {
-        let every = (self.settings.retention / 2)
-            .clamp(Duration::from_millis(100), Duration::from_secs(60));
+        let every = (self.settings.retention / 2).clamp(Duration::from_millis(100), Duration::from_secs(60));
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -131,11 +124,7 @@ pub async fn prepare_schema(
 ) -> bool {
     let mut backoff = Backoff::default();
     loop {
-        let result = if apply {
-            migrate::migrate(database).await.map(|_| ())
-        } else {
-            migrate::check(database).await
-        };
+        let result = if apply { migrate::migrate(database).await.map(|_| ()) } else { migrate::check(database).await };
         match result {
             Ok(()) => {
                 readiness.set_schema_ready();

@@ -65,13 +65,8 @@ RETURNING e.id, e.topic, e.kind,
 pub async fn claim_batch(pool: &Pool, limit: i64, max_age: Duration) -> Result<Batch, ClaimError> {
     let client = pool.get().await?;
     let statement = client.prepare_cached(CLAIM).await?;
-    let rows = client
-        .query(&statement, &[&limit, &max_age.as_secs_f64()])
-        .await?;
-    let mut batch = Batch {
-        claimed: rows.len(),
-        ..Batch::default()
-    };
+    let rows = client.query(&statement, &[&limit, &max_age.as_secs_f64()]).await?;
+    let mut batch = Batch { claimed: rows.len(), ..Batch::default() };
     for row in rows {
         if row.get::<_, bool>(6) {
             batch.expired += 1;
@@ -83,16 +78,8 @@ pub async fn claim_batch(pool: &Pool, limit: i64, max_age: Duration) -> Result<B
             users.dedup();
             users
         });
-        let data =
-            RawValue::from_string(row.get(5)).map_err(|source| ClaimError::Data { id, source })?;
-        batch.events.push(ClaimedEvent {
-            id,
-            topic: row.get(1),
-            kind: row.get(2),
-            at: row.get(3),
-            recipients,
-            data,
-        });
+        let data = RawValue::from_string(row.get(5)).map_err(|source| ClaimError::Data { id, source })?;
+        batch.events.push(ClaimedEvent { id, topic: row.get(1), kind: row.get(2), at: row.get(3), recipients, data });
     }
     // RETURNING follows no particular order; delivery must follow ids.
     batch.events.sort_unstable_by_key(|e| e.id);
@@ -117,7 +104,5 @@ WHERE id IN (
 pub async fn delete_processed(pool: &Pool, retention: Duration) -> Result<u64, ClaimError> {
     let client = pool.get().await?;
     let statement = client.prepare_cached(DELETE_PROCESSED).await?;
-    Ok(client
-        .execute(&statement, &[&retention.as_secs_f64(), &DELETE_BATCH])
-        .await?)
+    Ok(client.execute(&statement, &[&retention.as_secs_f64(), &DELETE_BATCH]).await?)
 }

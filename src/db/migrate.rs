@@ -13,11 +13,8 @@ pub struct Migration {
 }
 
 /// Every migration, in order. The newest version is what this binary needs.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_events.sql",
-    sql: include_str!("../../sql/0001_events.sql"),
-}];
+pub const MIGRATIONS: &[Migration] =
+    &[Migration { version: 1, name: "0001_events.sql", sql: include_str!("../../sql/0001_events.sql") }];
 
 /// Advisory lock key: "nudge" in ASCII, so it is recognisable in `pg_locks`.
 const LOCK_KEY: i64 = 0x006e_7564_6765;
@@ -27,10 +24,7 @@ pub enum MigrateError {
     #[error("cannot connect to PostgreSQL: {0}")]
     Connect(#[source] tokio_postgres::Error),
     #[error("migration {name} failed: {source}")]
-    Apply {
-        name: &'static str,
-        source: tokio_postgres::Error,
-    },
+    Apply { name: &'static str, source: tokio_postgres::Error },
     #[error("reading applied migrations failed: {0}")]
     Query(#[source] tokio_postgres::Error),
     #[error("schema is at version {found}, this nudge needs {needed}: run `nudge migrate`")]
@@ -67,15 +61,10 @@ pub fn latest_version() -> i32 {
 }
 
 async fn apply_locked(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
-        .await
-        .map_err(MigrateError::Query)?;
+    client.execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY]).await.map_err(MigrateError::Query)?;
     let result = apply_pending(client).await;
     // Released explicitly; the session ending would release it too.
-    let _ = client
-        .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
-        .await;
+    let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]).await;
     result
 }
 
@@ -83,18 +72,11 @@ async fn apply_pending(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
     let applied = applied_versions(client).await?;
     let mut now_applied = Vec::new();
     for migration in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
-        let apply = |source| MigrateError::Apply {
-            name: migration.name,
-            source,
-        };
+        let apply = |source| MigrateError::Apply { name: migration.name, source };
         let tx = client.transaction().await.map_err(apply)?;
         tx.batch_execute(migration.sql).await.map_err(apply)?;
         tx.commit().await.map_err(apply)?;
-        tracing::info!(
-            version = migration.version,
-            file = migration.name,
-            "applied migration"
-        );
+        tracing::info!(version = migration.version, file = migration.name, "applied migration");
         now_applied.push(migration.version);
     }
     Ok(now_applied)
@@ -102,10 +84,7 @@ async fn apply_pending(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
 
 async fn applied_versions(client: &Client) -> Result<Vec<i32>, MigrateError> {
     let exists: bool = client
-        .query_one(
-            "SELECT to_regclass('nudge.schema_migrations') IS NOT NULL",
-            &[],
-        )
+        .query_one("SELECT to_regclass('nudge.schema_migrations') IS NOT NULL", &[])
         .await
         .map_err(MigrateError::Query)?
         .get(0);
@@ -113,10 +92,7 @@ async fn applied_versions(client: &Client) -> Result<Vec<i32>, MigrateError> {
         return Ok(Vec::new());
     }
     let rows = client
-        .query(
-            "SELECT version FROM nudge.schema_migrations ORDER BY version",
-            &[],
-        )
+        .query("SELECT version FROM nudge.schema_migrations ORDER BY version", &[])
         .await
         .map_err(MigrateError::Query)?;
     Ok(rows.iter().map(|row| row.get(0)).collect())

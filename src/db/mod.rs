@@ -10,21 +10,12 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
-pub fn pool(
-    config: &tokio_postgres::Config,
-    size: usize,
-) -> Result<Pool, deadpool_postgres::BuildError> {
+pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, deadpool_postgres::BuildError> {
     let mut config = config.clone();
     if config.get_application_name().is_none() {
         config.application_name("nudge");
     }
-    let manager = Manager::from_config(
-        config,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)
         .max_size(size)
         .runtime(Runtime::Tokio1)
@@ -41,9 +32,7 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff {
-            next: Duration::from_millis(100),
-        }
+        Backoff { next: Duration::from_millis(100) }
     }
 }
 
@@ -52,10 +41,8 @@ impl Backoff {
         let delay = self.next;
         self.next = (self.next * 2).min(Duration::from_secs(5));
         // Cheap jitter from the clock: up to +25 %.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         delay + delay.mul_f64(f64::from(nanos % 1000) / 4000.0)
     }
 

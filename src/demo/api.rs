@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS demo.comments (
 "#;
 
 const PAGE: &str = include_str!("page.html");
-const CLIENT: &str = "";
+const CLIENT: &str = include_str!("../../clients/js/src/index.js");
 
 #[derive(Deserialize)]
 struct TokenBody {
@@ -58,24 +58,14 @@ struct After {
 pub fn routes(pool: Pool, secret: Arc<str>) -> BoxedFilter<(Response,)> {
     let with_pool = warp::any().map(move || pool.clone());
 
-    let page = warp::path::end()
-        .and(warp::get())
-        .map(|| warp::reply::html(PAGE).into_response());
+    let page = warp::path::end().and(warp::get()).map(|| warp::reply::html(PAGE).into_response());
     let client = warp::path!("demo" / "nudge-client.js")
         .and(warp::get())
-        .map(|| {
-            warp::reply::with_header(CLIENT, "content-type", "text/javascript; charset=utf-8")
-                .into_response()
-        });
-    let token = warp::path!("demo" / "token")
-        .and(warp::post())
-        .and(json_body::<TokenBody>())
-        .map(move |body: TokenBody| {
+        .map(|| warp::reply::with_header(CLIENT, "content-type", "text/javascript; charset=utf-8").into_response());
+    let token =
+        warp::path!("demo" / "token").and(warp::post()).and(json_body::<TokenBody>()).map(move |body: TokenBody| {
             if !valid_user(&body.user) {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "user: 1 to 32 letters, digits, - or _",
-                );
+                return error(StatusCode::BAD_REQUEST, "user: 1 to 32 letters, digits, - or _");
             }
             let topics = vec!["post:*".to_owned()];
             let request = TokenRequest {
@@ -94,38 +84,25 @@ pub fn routes(pool: Pool, secret: Arc<str>) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(warp::query::<After>())
         .and(with_pool.clone())
-        .then(|post: i64, after: After, pool: Pool| async move {
-            respond(list_comments(&pool, post, after.after).await)
-        });
+        .then(
+            |post: i64, after: After, pool: Pool| async move { respond(list_comments(&pool, post, after.after).await) },
+        );
     let add = warp::path!("demo" / "posts" / i64 / "comments")
         .and(warp::post())
         .and(json_body::<CommentBody>())
         .and(with_pool.clone())
-        .then(|post: i64, body: CommentBody, pool: Pool| async move {
-            respond(add_comment(&pool, post, body).await)
-        });
+        .then(|post: i64, body: CommentBody, pool: Pool| async move { respond(add_comment(&pool, post, body).await) });
     let nudge = warp::path!("demo" / "nudge")
         .and(warp::post())
         .and(json_body::<NudgeBody>())
         .and(with_pool)
         .then(|body: NudgeBody, pool: Pool| async move { respond(nudge_user(&pool, body).await) });
 
-    page.or(client)
-        .unify()
-        .or(token)
-        .unify()
-        .or(list)
-        .unify()
-        .or(add)
-        .unify()
-        .or(nudge)
-        .unify()
-        .boxed()
+    page.or(client).unify().or(token).unify().or(list).unify().or(add).unify().or(nudge).unify().boxed()
 }
 
 /// A JSON request body of at most 8 KiB.
-fn json_body<T: serde::de::DeserializeOwned + Send>(
-) -> impl Filter<Extract = (T,), Error = warp::Rejection> + Clone {
+fn json_body<T: serde::de::DeserializeOwned + Send>() -> impl Filter<Extract = (T,), Error = warp::Rejection> + Clone {
     warp::body::content_length_limit(8 * 1024).and(warp::body::json())
 }
 
@@ -149,12 +126,8 @@ async fn list_comments(pool: &Pool, post: i64, after: i64) -> ApiResult {
 }
 
 async fn add_comment(pool: &Pool, post: i64, body: CommentBody) -> ApiResult {
-    if !valid_user(&body.author) || body.body.trim().is_empty() || body.body.chars().count() > 2000
-    {
-        return Err((
-            StatusCode::BAD_REQUEST,
-            "author and a body of 1 to 2000 characters are required".into(),
-        ));
+    if !valid_user(&body.author) || body.body.trim().is_empty() || body.body.chars().count() > 2000 {
+        return Err((StatusCode::BAD_REQUEST, "author and a body of 1 to 2000 characters are required".into()));
     }
     let mut client = pool.get().await.map_err(internal)?;
     // The real change and its hint commit together: no hint for a rolled-back comment, no comment without one.
@@ -179,10 +152,7 @@ async fn add_comment(pool: &Pool, post: i64, body: CommentBody) -> ApiResult {
 
 async fn nudge_user(pool: &Pool, body: NudgeBody) -> ApiResult {
     if !valid_user(&body.from) || !valid_user(&body.to) {
-        return Err((
-            StatusCode::BAD_REQUEST,
-            "from and to must be user names".into(),
-        ));
+        return Err((StatusCode::BAD_REQUEST, "from and to must be user names".into()));
     }
     let client = pool.get().await.map_err(internal)?;
     let id: i64 = client
@@ -197,10 +167,7 @@ async fn nudge_user(pool: &Pool, body: NudgeBody) -> ApiResult {
 }
 
 fn valid_user(user: &str) -> bool {
-    (1..=32).contains(&user.len())
-        && user
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    (1..=32).contains(&user.len()) && user.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 fn internal(e: impl std::fmt::Display) -> (StatusCode, String) {

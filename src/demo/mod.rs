@@ -44,37 +44,26 @@ pub async fn run(options: Options) -> Result<(), DemoError> {
             (Some(cluster), url)
         }
     };
-    let database = tokio_postgres::Config::from_str(&url)
-        .map_err(|e| ConfigError::BadDatabaseUrl(e.to_string()))?;
+    let database = tokio_postgres::Config::from_str(&url).map_err(|e| ConfigError::BadDatabaseUrl(e.to_string()))?;
     prepare_database(&database).await?;
 
     let secret: Arc<str> = match options.jwt_secret.clone().filter(|s| !s.is_empty()) {
         Some(secret) => secret.into(),
-        None => random_secret()
-            .map_err(|e| DemoError::Database(format!("cannot read /dev/urandom: {e}")))?
-            .into(),
+        None => random_secret().map_err(|e| DemoError::Database(format!("cannot read /dev/urandom: {e}")))?.into(),
     };
     let config = options.serve_config_with(database.clone(), Some(secret.to_string()))?;
     let tls = config.tls.is_some();
     let pool = db::pool(&database, 4).map_err(|e| DemoError::Database(e.to_string()))?;
     let routes = api::routes(pool, secret);
     let throwaway = cluster.is_some();
-    node::run(config, Some(routes), |addr| {
-        banner(addr, tls, &url, throwaway)
-    })
-    .await?;
+    node::run(config, Some(routes), |addr| banner(addr, tls, &url, throwaway)).await?;
     drop(cluster);
     Ok(())
 }
 
 async fn prepare_database(database: &tokio_postgres::Config) -> Result<(), DemoError> {
-    db::migrate::migrate(database)
-        .await
-        .map_err(|e| DemoError::Database(e.to_string()))?;
-    let (client, connection) = database
-        .connect(NoTls)
-        .await
-        .map_err(|e| DemoError::Database(e.to_string()))?;
+    db::migrate::migrate(database).await.map_err(|e| DemoError::Database(e.to_string()))?;
+    let (client, connection) = database.connect(NoTls).await.map_err(|e| DemoError::Database(e.to_string()))?;
     let driver = tokio::spawn(connection);
     let created = client.batch_execute(api::SCHEMA).await;
     drop(client);
@@ -83,21 +72,9 @@ async fn prepare_database(database: &tokio_postgres::Config) -> Result<(), DemoE
 }
 
 fn banner(addr: SocketAddr, tls: bool, url: &str, throwaway: bool) {
-    let (http, ws) = if tls {
-        ("https", "wss")
-    } else {
-        ("http", "ws")
-    };
-    let host = if addr.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], addr.port()))
-    } else {
-        addr
-    };
-    let note = if throwaway {
-        "  (throwaway: deleted when the demo stops)"
-    } else {
-        ""
-    };
+    let (http, ws) = if tls { ("https", "wss") } else { ("http", "ws") };
+    let host = if addr.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr };
+    let note = if throwaway { "  (throwaway: deleted when the demo stops)" } else { "" };
     println!(
         "\nnudge demo is running\n\n  \
          demo page  {http}://{host}/   open it in two tabs, as two different users\n  \

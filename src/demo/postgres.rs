@@ -20,10 +20,7 @@ pub enum ClusterError {
     )]
     NotFound,
     #[error("cannot prepare {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{step} failed: {detail}")]
     Failed { step: &'static str, detail: String },
 }
@@ -39,22 +36,12 @@ impl Cluster {
         let bindir = find_bindir().ok_or(ClusterError::NotFound)?;
         let as_user = unprivileged_user();
         let dir = std::env::temp_dir().join(format!("nudge-demo-{}", std::process::id()));
-        let io = |source| ClusterError::Io {
-            path: dir.clone(),
-            source,
-        };
+        let io = |source| ClusterError::Io { path: dir.clone(), source };
         std::fs::create_dir_all(&dir).map_err(io)?;
         if let Some(user) = &as_user {
-            let status = Command::new("chown")
-                .arg(user)
-                .arg(&dir)
-                .status()
-                .map_err(io)?;
+            let status = Command::new("chown").arg(user).arg(&dir).status().map_err(io)?;
             if !status.success() {
-                return Err(ClusterError::Failed {
-                    step: "chown",
-                    detail: format!("chown {user} {}", dir.display()),
-                });
+                return Err(ClusterError::Failed { step: "chown", detail: format!("chown {user} {}", dir.display()) });
             }
         }
         let data = dir.join("data");
@@ -75,20 +62,10 @@ impl Cluster {
             });
         }
 
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(io)?
-            .port();
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(io)?.port();
         let mut server = command(&as_user, &bindir.join("postgres"));
-        server.arg("-D").arg(&data).args([
-            "-p",
-            &port.to_string(),
-            "-c",
-            "listen_addresses=127.0.0.1",
-        ]);
-        server
-            .arg("-c")
-            .arg(format!("unix_socket_directories={}", dir.display()));
+        server.arg("-D").arg(&data).args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"]);
+        server.arg("-c").arg(format!("unix_socket_directories={}", dir.display()));
         let program = server.get_program().to_owned();
         let args: Vec<_> = server.get_args().map(|a| a.to_owned()).collect();
         let script = r#"
@@ -115,10 +92,7 @@ impl Cluster {
             .process_group(0)
             .spawn()
             .map_err(io)?;
-        let mut cluster = Cluster {
-            wrapper,
-            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-        };
+        let mut cluster = Cluster { wrapper, url: format!("postgres://postgres@127.0.0.1:{port}/postgres") };
         cluster.wait_ready(&log).await?;
         Ok(cluster)
     }
@@ -134,10 +108,7 @@ impl Cluster {
                 let text = std::fs::read_to_string(log).unwrap_or_default();
                 let tail: Vec<&str> = text.lines().rev().take(5).collect();
                 let detail = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
-                return Err(ClusterError::Failed {
-                    step: "starting postgres",
-                    detail,
-                });
+                return Err(ClusterError::Failed { step: "starting postgres", detail });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -169,17 +140,8 @@ fn unprivileged_user() -> Option<String> {
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         return None;
     }
-    let has = |user: &str| {
-        Command::new("id")
-            .arg("-u")
-            .arg(user)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    ["postgres", "nobody"]
-        .into_iter()
-        .find(|u| has(u))
-        .map(str::to_owned)
+    let has = |user: &str| Command::new("id").arg("-u").arg(user).output().is_ok_and(|o| o.status.success());
+    ["postgres", "nobody"].into_iter().find(|u| has(u)).map(str::to_owned)
 }
 
 fn find_bindir() -> Option<PathBuf> {
@@ -213,14 +175,8 @@ fn find_bindir() -> Option<PathBuf> {
     }
     // Newest version first: compare the numbers in the path.
     let version = |p: &PathBuf| -> Vec<u32> {
-        p.to_string_lossy()
-            .split(|c: char| !c.is_ascii_digit())
-            .filter_map(|n| n.parse().ok())
-            .collect()
+        p.to_string_lossy().split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect()
     };
     candidates.sort_by_key(|p| std::cmp::Reverse(version(p)));
-    candidates
-        .into_iter()
-        .chain(["/opt/homebrew/bin".into(), "/usr/local/bin".into()])
-        .find(|d| usable(d))
+    candidates.into_iter().chain(["/opt/homebrew/bin".into(), "/usr/local/bin".into()]).find(|d| usable(d))
 }

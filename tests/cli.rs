@@ -1,0 +1,308 @@
+//! The command line: options, configuration errors, exit codes, migrations, HTTP health endpoints.
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const OPTIONS: &[(&str, &str)] = &[
+    ("--database-url", "NUDGE_DATABASE_URL"),
+    ("--listen", "NUDGE_LISTEN"),
+    ("--jwt-secret", "NUDGE_JWT_SECRET"),
+    ("--jwt-public-key", "NUDGE_JWT_PUBLIC_KEY"),
+    ("--jwt-algorithm", "NUDGE_JWT_ALGORITHM"),
+    ("--jwt-audience", "NUDGE_JWT_AUDIENCE"),
+    ("--jwt-issuer", "NUDGE_JWT_ISSUER"),
+    ("--jwt-leeway", "NUDGE_JWT_LEEWAY"),
+    ("--auth-timeout", "NUDGE_AUTH_TIMEOUT"),
+    ("--allowed-origins", "NUDGE_ALLOWED_ORIGINS"),
+    ("--poll-interval", "NUDGE_POLL_INTERVAL"),
+    ("--claim-batch", "NUDGE_CLAIM_BATCH"),
+    ("--retention", "NUDGE_RETENTION"),
+    ("--max-age", "NUDGE_MAX_AGE"),
+    ("--max-connections", "NUDGE_MAX_CONNECTIONS"),
+    ("--max-message-size", "NUDGE_MAX_MESSAGE_SIZE"),
+    ("--max-subscriptions", "NUDGE_MAX_SUBSCRIPTIONS"),
+    ("--outbound-queue", "NUDGE_OUTBOUND_QUEUE"),
+    ("--client-rate", "NUDGE_CLIENT_RATE"),
+    ("--ping-interval", "NUDGE_PING_INTERVAL"),
+    ("--pool-size", "NUDGE_POOL_SIZE"),
+    ("--no-migrate", "NUDGE_NO_MIGRATE"),
+];
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A configuration error: exit code 2 and exactly one non-empty line on stderr.
+fn assert_config_error(env: &[(&str, &str)], args: &[&str]) -> String {
+    let mut cmd = nudge_command(env);
+    cmd.args(args);
+    let (status, _out, err) = run_with_deadline(cmd, WAIT);
+    assert_eq!(status.code(), Some(2), "exit status for {env:?} {args:?}; stderr:\n{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "stderr must be one line, got:\n{err}");
+    assert!(!lines[0].trim().is_empty());
+    err
+}
+
+fn unreachable_url() -> String {
+    format!("postgres://postgres@127.0.0.1:{}/nothing", free_port())
+}
+
+#[test]
+fn help_lists_every_option_with_its_environment_variable() {
+    let (status, out, err) = run_with_deadline(
+        {
+            let mut c = nudge_command(&[]);
+            c.arg("--help");
+            c
+        },
+        WAIT,
+    );
+    assert!(status.success(), "--help failed: {err}");
+    for (flag, env) in OPTIONS {
+        assert!(out.contains(flag), "--help does not mention {flag}:\n{out}");
+        assert!(out.contains(env), "--help does not mention {env}:\n{out}");
+    }
+    assert!(out.contains("migrate"), "--help does not mention the migrate command:\n{out}");
+    assert!(out.contains("serve"), "--help does not mention the serve command:\n{out}");
+}
+
+#[test]
+fn missing_secret_is_a_configuration_error() {
+    assert_config_error(&[("NUDGE_DATABASE_URL", &unreachable_url())], &[]);
+}
+
+#[test]
+fn missing_database_url_is_a_configuration_error() {
+    assert_config_error(&[("NUDGE_JWT_SECRET", SECRET)], &[]);
+}
+
+#[test]
+fn missing_public_key_for_rs256_is_a_configuration_error() {
+    assert_config_error(&[("NUDGE_DATABASE_URL", &unreachable_url()), ("NUDGE_JWT_ALGORITHM", "RS256")], &[]);
+}
+
+#[test]
+fn unreadable_public_key_path_is_a_configuration_error() {
+    assert_config_error(
+        &[
+            ("NUDGE_DATABASE_URL", &unreachable_url()),
+            ("NUDGE_JWT_ALGORITHM", "EdDSA"),
+            ("NUDGE_JWT_PUBLIC_KEY", "/nonexistent/nudge/key.pem"),
+        ],
+        &[],
+    );
+}
+
+#[test]
+fn public_key_that_is_not_pem_is_a_configuration_error() {
+    let path = format!("/tmp/nudge-test-notpem-{}.pem", std::process::id());
+    std::fs::write(&path, "this is not a key\n").unwrap();
+    assert_config_error(
+        &[
+            ("NUDGE_DATABASE_URL", &unreachable_url()),
+            ("NUDGE_JWT_ALGORITHM", "ES256"),
+            ("NUDGE_JWT_PUBLIC_KEY", &path),
+        ],
+        &[],
+    );
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn malformed_database_url_is_a_configuration_error() {
+    assert_config_error(
+        &[("NUDGE_DATABASE_URL", "postgres://u@127.0.0.1:notaport/db"), ("NUDGE_JWT_SECRET", SECRET)],
+        &[],
+    );
+}
+
+#[test]
+fn bad_duration_is_a_configuration_error() {
+    assert_config_error(
+        &[("NUDGE_DATABASE_URL", &unreachable_url()), ("NUDGE_JWT_SECRET", SECRET), ("NUDGE_POLL_INTERVAL", "soon")],
+        &[],
+    );
+}
+
+#[test]
+fn bad_duration_flag_is_a_configuration_error() {
+    assert_config_error(
+        &[("NUDGE_DATABASE_URL", &unreachable_url()), ("NUDGE_JWT_SECRET", SECRET)],
+        &["serve", "--auth-timeout", "10 parsecs"],
+    );
+}
+
+#[test]
+fn configuration_errors_apply_to_migrate_too() {
+    assert_config_error(&[("NUDGE_DATABASE_URL", "postgres://u@127.0.0.1:notaport/db")], &["migrate"]);
+}
+
+async fn schema_migrations(db: &TestDb) -> Vec<serde_json::Value> {
+    let pg = db.client().await;
+    pg.query("SELECT to_jsonb(m)::text FROM nudge.schema_migrations m", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
+        .collect()
+}
+
+fn records_version_1(rows: &[serde_json::Value]) -> bool {
+    rows.len() == 1
+        && rows[0].as_object().unwrap().values().any(|v| v == &serde_json::json!(1) || v == &serde_json::json!("1"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_twice_is_fine_and_records_version_1() {
+    let db = TestDb::new().await;
+    for _ in 0..2 {
+        let (status, _, err) = run_with_deadline(
+            {
+                let mut c = nudge_command(&[("NUDGE_DATABASE_URL", &db.url)]);
+                c.arg("migrate");
+                c
+            },
+            WAIT,
+        );
+        assert_eq!(status.code(), Some(0), "nudge migrate: {err}");
+    }
+    let rows = schema_migrations(&db).await;
+    assert!(records_version_1(&rows), "nudge.schema_migrations: {rows:?}");
+    let pg = db.client().await;
+    let id: i64 = pg.query_one("SELECT nudge.publish('t', 'k')", &[]).await.unwrap().get(0);
+    assert!(id > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_does_not_reapply_a_file_applied_by_hand() {
+    let db = TestDb::new().await;
+    let sql = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/0001_events.sql")).unwrap();
+    // What `psql -1 -f sql/0001_events.sql` does.
+    db.client().await.batch_execute(&format!("BEGIN;\n{sql}\nCOMMIT;")).await.unwrap();
+    assert!(records_version_1(&schema_migrations(&db).await));
+
+    let mut c = nudge_command(&[("NUDGE_DATABASE_URL", &db.url)]);
+    c.arg("migrate");
+    let (status, _, err) = run_with_deadline(c, WAIT);
+    assert_eq!(status.code(), Some(0), "nudge migrate after a manual apply: {err}");
+    let rows = schema_migrations(&db).await;
+    assert!(records_version_1(&rows), "nudge.schema_migrations: {rows:?}");
+}
+
+#[test]
+fn migrate_against_an_unreachable_database_exits_1() {
+    let mut c = nudge_command(&[("NUDGE_DATABASE_URL", &unreachable_url())]);
+    c.arg("migrate");
+    let (status, _, err) = run_with_deadline(c, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "stderr:\n{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listen_address_taken_exits_1() {
+    let db = TestDb::new().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let c = nudge_command(&[("NUDGE_DATABASE_URL", &db.url), ("NUDGE_JWT_SECRET", SECRET), ("NUDGE_LISTEN", &addr)]);
+    let (status, _, err) = run_with_deadline(c, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "stderr:\n{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_endpoints_answer_once_up() {
+    let db = TestDb::new().await;
+    let nudge = Nudge::start_unready(&db.url, &[]).await;
+    assert_eq!(nudge.get("/healthz").await, (200, "ok".to_string()));
+    eventually!(SOON, "/readyz 200 ready", nudge.get("/readyz").await == (200, "ready".to_string()));
+    let (status, body) = nudge.get("/metrics").await;
+    assert_eq!(status, 200);
+    for name in ["nudge_events_expired_total", "nudge_claim_passes_total"] {
+        assert!(parse_metric(&body, name).is_some(), "/metrics lacks {name}:\n{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_connections_and_deliveries() {
+    let db = TestDb::new().await;
+    let nudge = Nudge::start(&db.url, &[]).await;
+    let (_, before) = nudge.get("/metrics").await;
+    let mut ws = authed(&nudge, "alice", &["*"]).await;
+    ws.subscribe("post:1").await;
+    insert_event(&db.client().await, "post:1", "k", "{}").await;
+    ws.recv_type("event").await;
+    // Names are not part of the contract; some sample must have changed.
+    eventually!(SOON, "/metrics to change after a connection and a delivery", nudge.get("/metrics").await.1 != before);
+    let (_, after) = nudge.get("/metrics").await;
+    assert!(nudge.metric("nudge_claim_passes_total").await >= 1.0, "{after}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_with_the_database_down_retries_and_becomes_ready() {
+    let db = TestDb::unborn();
+    let nudge = Nudge::start_unready(&db.url, &[]).await;
+    assert_eq!(nudge.get("/healthz").await, (200, "ok".to_string()));
+    let (status, reason) = nudge.get("/readyz").await;
+    assert_eq!(status, 503);
+    assert!(!reason.trim().is_empty(), "/readyz 503 without a reason");
+
+    // Clients may connect meanwhile.
+    let mut ws = Ws::connect(&nudge.ws_url()).await.unwrap();
+    ws.ping().await;
+
+    db.create().await;
+    eventually!(
+        Duration::from_secs(60),
+        "/readyz 200 after the database appeared",
+        nudge.get("/readyz").await.0 == 200
+    );
+    let mut alice = authed(&nudge, "alice", &["*"]).await;
+    alice.subscribe("post:1").await;
+    let id = insert_event(&db.client().await, "post:1", "k", "{}").await;
+    assert_eq!(alice.recv_type("event").await["id"], id);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_migrate_leaves_the_schema_alone() {
+    let db = TestDb::new().await;
+    let nudge = Nudge::start_unready(&db.url, &[("NUDGE_NO_MIGRATE", "true")]).await;
+    let (status, reason) = nudge.get("/readyz").await;
+    assert_eq!(status, 503, "ready without a schema: {reason}");
+    let pg = db.client().await;
+    let n: i64 = pg.query_one("SELECT count(*) FROM pg_namespace WHERE nspname = 'nudge'", &[]).await.unwrap().get(0);
+    assert_eq!(n, 0, "--no-migrate created the schema");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_option_can_be_given_as_a_flag() {
+    let db = TestDb::new().await;
+    let mut cmd = nudge_command(&[("RUST_LOG", "info")]);
+    cmd.args([
+        "serve",
+        "--database-url",
+        &db.url,
+        "--listen",
+        "127.0.0.1:0",
+        "--jwt-secret",
+        SECRET,
+        "--poll-interval",
+        "1h",
+        "--max-subscriptions",
+        "1",
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    let nudge = Nudge::spawn(cmd).await;
+    nudge.wait_ready().await;
+    let mut ws = authed(&nudge, "alice", &["*"]).await;
+    ws.subscribe("a").await;
+    ws.send_json(serde_json::json!({"type": "subscribe", "topic": "b"})).await;
+    ws.expect_error("forbidden").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_is_the_default_command_and_migrates_at_start() {
+    let db = TestDb::new().await;
+    let nudge = Nudge::start(&db.url, &[]).await;
+    nudge.wait_ready().await;
+    assert!(records_version_1(&schema_migrations(&db).await));
+}
