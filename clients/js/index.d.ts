@@ -1,0 +1,185 @@
+// Types for @nudge/client (protocol v1). Hand-written; the implementation is src/index.js.
+
+/** Error codes nudge itself sends in `{"type":"error"}` frames. */
+export type ServerErrorCode = 'bad_request' | 'unauthorized' | 'forbidden' | 'token_expired' | 'too_large' | 'rate_limited';
+
+/**
+ * Codes the client produces itself:
+ * - `closed`: the client was closed (`close()`), so the promise can never settle otherwise;
+ * - `disconnected`: the connection closed before a reply arrived;
+ * - `timeout`: no reply within `requestTimeoutMs`;
+ * - `unsubscribed`: the topic was unsubscribed before the server confirmed the subscription;
+ * - `token_provider`: the token function threw or rejected (`cause` holds its error);
+ * - `connect_failed`: the WebSocket constructor threw (bad URL, ...);
+ * - `bad_frame`: the server sent a frame that is not JSON;
+ * - `handler`: one of your handlers threw (`cause` holds its error).
+ */
+export type ClientErrorCode =
+  | 'closed'
+  | 'disconnected'
+  | 'timeout'
+  | 'unsubscribed'
+  | 'token_provider'
+  | 'connect_failed'
+  | 'bad_frame'
+  | 'handler';
+
+export type NudgeErrorCode = ServerErrorCode | ClientErrorCode;
+
+export class NudgeError extends Error {
+  constructor(code: NudgeErrorCode | (string & {}), message: string, details?: { ref?: number; topic?: string; closeCode?: number; cause?: unknown });
+  readonly name: 'NudgeError';
+  /** The server's error code, or one of the client's own. */
+  readonly code: NudgeErrorCode | (string & {});
+  /** The `ref` of the request this error answers, when it answers one. */
+  readonly ref?: number;
+  /** The topic of the subscribe/unsubscribe request this error answers. */
+  readonly topic?: string;
+  readonly closeCode?: number;
+  /** True for the codes nudge sends (`ServerErrorCode`). */
+  readonly fromServer: boolean;
+}
+
+/** An event as nudge delivers it. */
+export interface NudgeEvent<Data = Record<string, unknown>> {
+  type: 'event';
+  /** The row's id in `nudge.events`; increasing per connection. */
+  id: number;
+  topic: string;
+  kind: string;
+  /** `occurred_at` in UTC with milliseconds, e.g. `2026-11-25T10:00:00.123Z`. */
+  at: string;
+  data: Data;
+}
+
+/** A JWT, or a function returning one (sync or async). Return `null`/`undefined` to make the client stop. */
+export type TokenProvider = string | (() => string | null | undefined | Promise<string | null | undefined>);
+
+/** The subset of the WebSocket API the client uses: browsers, Node >= 22, undici, or the `ws` package. */
+export interface WebSocketLike {
+  readonly readyState: number;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+  addEventListener(type: string, listener: (event: any) => void): void;
+  removeEventListener(type: string, listener: (event: any) => void): void;
+}
+export type WebSocketConstructor = new (url: string) => WebSocketLike;
+
+export interface BackoffOptions {
+  /** First retry waits a random time up to this (full jitter). Default 500. */
+  initialMs?: number;
+  /** The cap the doubling delay never exceeds. Default 30000. */
+  maxMs?: number;
+}
+
+export interface NudgeClientOptions {
+  /** Asked on every (re)connect and before each token refresh. */
+  token: TokenProvider;
+  /** Refresh this long before the token's `expires_at`. Default 60. Only for function providers. */
+  refreshBeforeSeconds?: number;
+  /** Send `{"type":"ping"}` this often. Default 25000; 0 disables keep-alive. */
+  pingIntervalMs?: number;
+  /** Give up on the connection when no frame at all arrives this long after a ping. Default 10000. */
+  pongTimeoutMs?: number;
+  /** Give up on an attempt not authenticated and resubscribed within this time. Default 15000. */
+  connectTimeoutMs?: number;
+  /** Reject a request (subscribe, unsubscribe, refresh) with code `timeout` after this. Default 15000. */
+  requestTimeoutMs?: number;
+  backoff?: BackoffOptions;
+  /** The WebSocket constructor; default `globalThis.WebSocket`. */
+  WebSocket?: WebSocketConstructor;
+  /** Connect from the constructor. Default true; otherwise call `connect()`. */
+  autoConnect?: boolean;
+}
+
+export interface ReadyInfo {
+  /** The token's `sub`. */
+  user: string;
+  /** The token's expiry, Unix seconds. */
+  expiresAt: number;
+}
+
+export interface DisconnectedInfo {
+  /** The WebSocket close code: 1006 for an abrupt loss, 4001 for auth failures and expired tokens, 1001 when
+   * nudge shuts down, 1000 after `close()`, 4000 when the client gave up itself (pong or connect timeout). */
+  code: number;
+  reason: string;
+  /** Whether this connection had been ready (false for a failed attempt). */
+  wasReady: boolean;
+  willReconnect: boolean;
+  /** Present when willReconnect: the delay before the next attempt. */
+  retryInMs?: number;
+}
+
+export interface FrameInfo {
+  direction: 'in' | 'out';
+  /** The frame's JSON text; the `token` of outgoing `auth` and `refresh` frames is replaced by `<redacted>`. */
+  data: string;
+}
+
+export interface NudgeClientEvents {
+  /** Authenticated and every subscription restored: after the first connect and after each reconnect. */
+  ready: ReadyInfo & { reconnect: boolean };
+  /** Ready again after a lost connection. Hints sent while away are gone: refetch what the app shows. */
+  reconnected: ReadyInfo;
+  /** A connection or connection attempt ended. */
+  disconnected: DisconnectedInfo;
+  /** The client stopped for good: after `close()` (error null) or a refused token/provider returning null. */
+  closed: { error: NudgeError | null };
+  /** Server errors that answer no pending request, refused subscriptions nobody awaited, provider failures,
+   * handler exceptions. The client never writes to the console; listen here. */
+  error: NudgeError;
+  /** Every frame in both directions, for protocol logs. */
+  frame: FrameInfo;
+  /** Every event, before it is routed to topic or personal handlers. */
+  event: NudgeEvent;
+  /** The token was refreshed on the open connection. */
+  refreshed: { expiresAt: number };
+  /** The server dropped a subscription the client had: a refreshed token no longer allows the topic, or it
+   * was refused when restored after a reconnect. Its handlers are removed. */
+  revoked: { topic: string; reason: string; error?: NudgeError };
+}
+
+export type NudgeClientState = 'idle' | 'connecting' | 'ready' | 'waiting' | 'closed';
+
+/** Returned by `subscribe`: call it to remove the handler. */
+export interface Subscription {
+  (): Promise<void>;
+  unsubscribe(): Promise<void>;
+  readonly topic: string;
+  /** Resolves when the server confirmed the subscription; rejects with a NudgeError when it refused it. If
+   * this property is never read, a refusal is emitted as an 'error' event instead. */
+  readonly ready: Promise<void>;
+}
+
+export class NudgeClient {
+  constructor(url: string | URL, options: NudgeClientOptions);
+
+  readonly state: NudgeClientState;
+  /** The authenticated user, or null before the first `ready`. */
+  readonly user: string | null;
+  /** The current token's expiry (Unix seconds), or null. */
+  readonly expiresAt: number | null;
+  /** Topics wanted: subscribed, or to be subscribed on the next connection. */
+  readonly topics: string[];
+
+  /** Start connecting (with `autoConnect: false`, or after `close()`). */
+  connect(): void;
+  /** Resolves when ready (at once if already); rejects when the client is or becomes closed. */
+  ready(): Promise<ReadyInfo>;
+  /** Handle events on `topic`; kept across reconnects. */
+  subscribe<Data = Record<string, unknown>>(topic: string, handler: (event: NudgeEvent<Data>) => void): Subscription;
+  /** Remove every handler of `topic` and unsubscribe. Never rejects; failures are 'error' events. */
+  unsubscribe(topic: string): Promise<void>;
+  /** Handle events whose topic the client is not subscribed to (addressed to the user). Returns an off function. */
+  onPersonal<Data = Record<string, unknown>>(handler: (event: NudgeEvent<Data>) => void): () => void;
+  on<K extends keyof NudgeClientEvents>(name: K, handler: (value: NudgeClientEvents[K]) => void): () => void;
+  once<K extends keyof NudgeClientEvents>(name: K, handler: (value: NudgeClientEvents[K]) => void): () => void;
+  off<K extends keyof NudgeClientEvents>(name: K, handler: (value: NudgeClientEvents[K]) => void): void;
+  /** Ask nudge for a claim pass now; sent after the next authentication when not connected. */
+  wakeup(): void;
+  /** Close for good: no reconnect. Subscriptions and handlers are kept for a later `connect()`. */
+  close(): void;
+}
+
+export default NudgeClient;
