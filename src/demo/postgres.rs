@@ -33,7 +33,7 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start() -> Result<Cluster, ClusterError> {
-        let bindir = find_bindir().ok_or(ClusterError::NotFound)?;
+        let bindir = find_bindir(std::env::var_os("PATH"), SEARCHED).ok_or(ClusterError::NotFound)?;
         let as_user = unprivileged_user();
         let dir = std::env::temp_dir().join(format!("nudge-demo-{}", std::process::id()));
         let io = |source| ClusterError::Io { path: dir.clone(), source };
@@ -144,10 +144,13 @@ fn unprivileged_user() -> Option<String> {
     ["postgres", "nobody"].into_iter().find(|u| has(u)).map(str::to_owned)
 }
 
-fn find_bindir() -> Option<PathBuf> {
+/// Where server binaries are looked for after PATH and `pg_config`: Debian's versioned directories, Homebrew.
+const SEARCHED: &[&str] = &["/usr/lib/postgresql", "/opt/homebrew/opt", "/usr/local/opt"];
+
+fn find_bindir(path: Option<std::ffi::OsString>, searched: &[&str]) -> Option<PathBuf> {
     let usable = |dir: &Path| dir.join("postgres").is_file() && dir.join("initdb").is_file();
     // PATH: resolve symlinks, since Debian links /usr/local/bin/postgres into a versioned directory.
-    if let Some(path) = std::env::var_os("PATH") {
+    if let Some(path) = path {
         for dir in std::env::split_paths(&path) {
             if let Ok(real) = std::fs::canonicalize(dir.join("postgres")) {
                 if let Some(bindir) = real.parent().filter(|d| usable(d)) {
@@ -155,19 +158,19 @@ fn find_bindir() -> Option<PathBuf> {
                 }
             }
         }
-    }
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
-        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        if out.status.success() && usable(&dir) {
-            return Some(dir);
+        if let Ok(out) = Command::new("pg_config").arg("--bindir").env("PATH", &path).output() {
+            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if out.status.success() && usable(&dir) {
+                return Some(dir);
+            }
         }
     }
     let mut candidates: Vec<PathBuf> = Vec::new();
-    for parent in ["/usr/lib/postgresql", "/opt/homebrew/opt", "/usr/local/opt"] {
+    for parent in searched {
         if let Ok(entries) = std::fs::read_dir(parent) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if parent == "/usr/lib/postgresql" || name.starts_with("postgresql") {
+                if *parent == "/usr/lib/postgresql" || name.starts_with("postgresql") {
                     candidates.push(entry.path().join("bin"));
                 }
             }
@@ -178,5 +181,22 @@ fn find_bindir() -> Option<PathBuf> {
         p.to_string_lossy().split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect()
     };
     candidates.sort_by_key(|p| std::cmp::Reverse(version(p)));
-    candidates.into_iter().chain(["/opt/homebrew/bin".into(), "/usr/local/bin".into()]).find(|d| usable(d))
+    let homebrew_bins =
+        if searched.is_empty() { vec![] } else { vec!["/opt/homebrew/bin".into(), "/usr/local/bin".into()] };
+    candidates.into_iter().chain(homebrew_bins).find(|d| usable(d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_debian_binaries_and_reports_none_when_nothing_is_there() {
+        let empty = Some(std::ffi::OsString::from("/nonexistent"));
+        assert_eq!(find_bindir(empty.clone(), &[]), None);
+        if Path::new("/usr/lib/postgresql").is_dir() {
+            let found = find_bindir(empty, SEARCHED).expect("Debian's server binaries");
+            assert!(found.join("initdb").is_file());
+        }
+    }
 }
