@@ -37,6 +37,8 @@ pub enum Command {
     Token(TokenArgs),
     /// Run the product on a throwaway PostgreSQL with a demo page: a live comment thread.
     Demo,
+    /// Print the cluster: nodes, connections, pending rows, each node's cursor lag.
+    Status,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Args)]
@@ -57,6 +59,15 @@ pub struct Options {
     /// PostgreSQL URL (postgres://user:pass@host:5432/db) or key=value connection string.
     #[arg(long, env = "NUDGE_DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
+
+    /// Direct PostgreSQL URL for LISTEN and migrations, when NUDGE_DATABASE_URL goes through PgBouncer in
+    /// transaction mode (LISTEN and advisory locks need a session). Default: NUDGE_DATABASE_URL.
+    #[arg(long, env = "NUDGE_LISTEN_DATABASE_URL", global = true, hide_env_values = true)]
+    pub listen_database_url: Option<String>,
+
+    /// This node's id in nudge.nodes and `nudge status` (default: hostname-pid).
+    #[arg(long, env = "NUDGE_NODE_ID", global = true)]
+    pub node_id: Option<String>,
 
     /// Address for HTTP and WebSocket.
     #[arg(long, env = "NUDGE_LISTEN", default_value = "127.0.0.1:8080", global = true)]
@@ -158,6 +169,8 @@ pub enum ConfigError {
     MissingDatabaseUrl,
     #[error("NUDGE_DATABASE_URL is malformed: {0}")]
     BadDatabaseUrl(String),
+    #[error("NUDGE_LISTEN_DATABASE_URL is malformed: {0}")]
+    BadListenDatabaseUrl(String),
     #[error(transparent)]
     Jwt(#[from] crate::auth::KeyError),
     #[error("--{0} must be greater than zero")]
@@ -190,7 +203,11 @@ pub struct RelaySettings {
 
 /// A checked configuration for `serve`.
 pub struct ServeConfig {
+    /// The pool's database (may be PgBouncer in transaction mode).
     pub database: tokio_postgres::Config,
+    /// A direct session for LISTEN and migrations.
+    pub listen_database: tokio_postgres::Config,
+    pub node_id: String,
     pub listen: SocketAddr,
     /// Set when nudge terminates TLS itself.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
@@ -207,15 +224,16 @@ pub struct ServeConfig {
 impl Options {
     pub fn database(&self) -> Result<tokio_postgres::Config, ConfigError> {
         let url = self.database_url.as_deref().ok_or(ConfigError::MissingDatabaseUrl)?;
-        let mut config = tokio_postgres::Config::from_str(url)
-            // tokio-postgres' messages never echo the password back.
-            .map_err(|e| ConfigError::BadDatabaseUrl(e.to_string()))?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(5));
+        // tokio-postgres' messages never echo the password back.
+        parse_database_url(url).map_err(ConfigError::BadDatabaseUrl)
+    }
+
+    /// The direct session for LISTEN and migrations: NUDGE_LISTEN_DATABASE_URL, else NUDGE_DATABASE_URL.
+    pub fn listen_database(&self) -> Result<tokio_postgres::Config, ConfigError> {
+        match self.listen_database_url.as_deref() {
+            Some(url) => parse_database_url(url).map_err(ConfigError::BadListenDatabaseUrl),
+            None => self.database(),
         }
-        // Notice a dead network path within about a minute instead of the kernel's two hours.
-        config.keepalives_idle(Duration::from_secs(30));
-        Ok(config)
     }
 
     pub fn serve_config(&self) -> Result<ServeConfig, ConfigError> {
@@ -252,8 +270,14 @@ impl Options {
                 return Err(ConfigError::Zero(name));
             }
         }
+        let listen_database = match self.listen_database_url.as_deref() {
+            Some(url) => parse_database_url(url).map_err(ConfigError::BadListenDatabaseUrl)?,
+            None => database.clone(),
+        };
         Ok(ServeConfig {
             database,
+            listen_database,
+            node_id: self.node_id.clone().unwrap_or_else(default_node_id),
             listen: self.listen,
             tls: self.tls()?,
             authenticator,
@@ -310,6 +334,27 @@ impl Options {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Some(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))))
     }
+}
+
+fn parse_database_url(url: &str) -> Result<tokio_postgres::Config, String> {
+    let mut config = tokio_postgres::Config::from_str(url).map_err(|e| e.to_string())?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(5));
+    }
+    // Notice a dead network path within about a minute instead of the kernel's two hours.
+    config.keepalives_idle(Duration::from_secs(30));
+    Ok(config)
+}
+
+/// `hostname-pid`: unique among live nodes, and says where to look.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "nudge".into());
+    format!("{host}-{}", std::process::id())
 }
 
 fn duration(text: &str) -> Result<Duration, String> {

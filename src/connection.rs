@@ -6,10 +6,11 @@
 //! always unregisters from the hub on the way out.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use deadpool_postgres::Pool;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -22,6 +23,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::auth::{Authenticator, Identity};
 use crate::config::ConnectionLimits;
+use crate::db::events;
 use crate::health::Metrics;
 use crate::hub::{ConnId, Frame, Hub};
 use crate::protocol::{self, ErrorCode, Reply, Request};
@@ -32,14 +34,21 @@ use crate::wake::Wakeups;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Queued events written per flush: several frames per syscall, but a bounded stall for replies.
 const FRAMES_PER_FLUSH: usize = 64;
+/// Events one `resume` replays at most; beyond that the reply says `complete: false` and the client refetches.
+pub const RESUME_LIMIT: i64 = 1000;
 
 /// What every connection needs from the rest of nudge.
 pub struct Shared {
     pub hub: Arc<Hub>,
+    /// A client's `wakeup` asks for a claim pass.
     pub wakeups: Arc<Wakeups>,
     pub authenticator: Arc<Authenticator>,
     pub metrics: Arc<Metrics>,
     pub limits: ConnectionLimits,
+    /// For `resume` replays.
+    pub pool: Pool,
+    /// The node's delivery cursor: everything up to it has been routed to the live queues.
+    pub cursor: Arc<AtomicI64>,
 }
 
 impl Shared {
@@ -62,6 +71,11 @@ struct Session {
     outbox: mpsc::Receiver<Frame>,
     /// At most `max_subscriptions`, so a Vec and a linear search.
     topics: Vec<Box<str>>,
+    /// Highest seq written to the socket; live frames at or below it were already sent by a `resume` replay.
+    last_sent_seq: i64,
+    /// Seq of the first live event written: a `resume` replays only what came before it.
+    first_live_seq: Option<i64>,
+    resumed: bool,
 }
 
 /// How the loop goes on after one step.
@@ -274,6 +288,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 Step::Continue
             }
             Request::Ping => written(self.reply(Reply::Pong, reference).await),
+            Request::Resume { since } => self.resume(since, reference).await,
             Request::Refresh { token } => {
                 let identity = match self.shared.authenticator.verify(&token) {
                     Ok(identity) if identity.user == session.identity.user => identity,
@@ -309,20 +324,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.shared.metrics.connections_opened.fetch_add(1, Ordering::Relaxed);
         tracing::info!(conn = id, user = %identity.user, peer = %self.peer, "connection opened");
         let ready = Reply::Ready { user: &identity.user, expires_at: identity.expires_at }.encode(reference);
-        self.session = Some(Session { id, identity, outbox, topics: Vec::new() });
+        self.session = Some(Session {
+            id,
+            identity,
+            outbox,
+            topics: Vec::new(),
+            last_sent_seq: 0,
+            first_live_seq: None,
+            resumed: false,
+        });
         self.write(Message::Text(ready.into())).await
     }
 
     /// Write this event and whatever else is queued, up to a bound, with one flush.
     async fn write_events(&mut self, first: Frame) -> Step {
         let result = tokio::time::timeout(WRITE_TIMEOUT, async {
-            self.ws.feed(Message::Text(first)).await?;
-            if let Some(session) = &mut self.session {
-                for _ in 1..FRAMES_PER_FLUSH {
-                    match session.outbox.try_recv() {
-                        Ok(frame) => self.ws.feed(Message::Text(frame)).await?,
-                        Err(_) => break,
-                    }
+            let Some(session) = &mut self.session else { return Ok(()) };
+            let mut next = Some(first);
+            let mut written = 0;
+            while let Some(frame) = next.take() {
+                // At or below last_sent_seq: a resume replay already wrote it.
+                if frame.seq > session.last_sent_seq {
+                    session.first_live_seq.get_or_insert(frame.seq);
+                    session.last_sent_seq = frame.seq;
+                    self.ws.feed(Message::Text(frame.text)).await?;
+                    written += 1;
+                }
+                if written < FRAMES_PER_FLUSH {
+                    next = session.outbox.try_recv().ok();
                 }
             }
             self.ws.flush().await
@@ -333,6 +362,48 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Ok(Err(e)) => Step::Gone(format!("write failed: {e}")),
             Err(_) => Step::Gone("write timed out: peer not reading".into()),
         }
+    }
+
+    /// Replay this user's events in (since, until] and join them to the live stream with no gap and no
+    /// duplicate. `until` is the node cursor (everything up to it is already in the live queues), or just below
+    /// the first live event this connection got, whichever is lower.
+    async fn resume(&mut self, since: i64, reference: Option<&Value>) -> Step {
+        let Some(session) = &mut self.session else { return Step::Continue };
+        if session.resumed {
+            let message = "resume is accepted once per connection, right after subscribing".into();
+            return self.error(ErrorCode::BadRequest, message, reference.cloned()).await;
+        }
+        if since < 0 {
+            return self
+                .error(ErrorCode::BadRequest, "`since` must be a seq (0 or more)".into(), reference.cloned())
+                .await;
+        }
+        session.resumed = true;
+        let cursor = self.shared.cursor.load(Ordering::SeqCst);
+        let until = session.first_live_seq.map_or(cursor, |first| cursor.min(first - 1)).max(since);
+        let topics: Vec<&str> = session.topics.iter().map(|t| &**t).collect();
+        let user = session.identity.user.clone();
+        let replay = events::replay(&self.shared.pool, &user, &topics, since, until, RESUME_LIMIT).await;
+        drop(topics);
+        let (events, complete) = match replay {
+            Ok(replay) => (replay.events, replay.complete),
+            Err(e) => {
+                // Unknown is incomplete: the client refetches, which is always correct.
+                tracing::warn!(user = %user, "resume replay failed: {e}");
+                (Vec::new(), false)
+            }
+        };
+        let replayed = events.len();
+        for event in &events {
+            let frame = crate::hub::encode(event);
+            if let Err(e) = self.write(Message::Text(frame.text)).await {
+                return Step::Gone(format!("write failed: {e}"));
+            }
+        }
+        if let Some(session) = &mut self.session {
+            session.last_sent_seq = session.last_sent_seq.max(until);
+        }
+        written(self.reply(Reply::Resumed { since, until, replayed, complete }, reference).await)
     }
 
     async fn reply(&mut self, reply: Reply<'_>, reference: Option<&Value>) -> Result<(), WsError> {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::db::claim::ClaimedEvent;
+use crate::db::events::Event;
 use crate::health::Metrics;
 use crate::protocol::EventFrame;
 
@@ -23,8 +23,13 @@ pub const OVERFLOW_GRACE: Duration = Duration::from_millis(500);
 /// One connection's id, unique for the life of the process.
 pub type ConnId = u64;
 
-/// A serialized frame, cheap to clone: every recipient of an event shares one allocation.
-pub type Frame = Utf8Bytes;
+/// A serialized event, cheap to clone: every recipient of an event shares one allocation. The seq travels with
+/// it so a connection can drop what a `resume` replay already sent.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub seq: i64,
+    pub text: Utf8Bytes,
+}
 
 #[derive(Default)]
 pub struct Hub {
@@ -97,7 +102,7 @@ impl Hub {
     /// reading at full speed must not be punished for that. Its remaining frames of this batch are kept in
     /// order and sent after the lock is released, waiting for room for at most `OVERFLOW_GRACE`; a connection
     /// still full by then is not reading, and is dropped.
-    pub async fn route(&self, events: &[ClaimedEvent], metrics: &Metrics) -> Routed {
+    pub async fn route(&self, events: &[Event], metrics: &Metrics) -> Routed {
         let mut routed = Routed::default();
         // Connections that were full at some point in this batch, with the frames they still have to get.
         let mut blocked: HashMap<ConnId, (mpsc::Sender<Frame>, Vec<Frame>)> = HashMap::new();
@@ -191,17 +196,19 @@ impl Maps {
     }
 }
 
-fn encode(event: &ClaimedEvent) -> Frame {
+/// The event frame exactly as clients receive it (also used for `resume` replays, written outside the hub).
+pub fn encode(event: &Event) -> Frame {
     let frame = EventFrame {
         frame_type: "event",
         id: event.id,
+        seq: event.seq,
         topic: &event.topic,
         kind: &event.kind,
         at: &event.at,
         data: &event.data,
     };
     // Serializing borrowed strings and a RawValue cannot fail.
-    serde_json::to_string(&frame).unwrap_or_default().into()
+    Frame { seq: event.seq, text: serde_json::to_string(&frame).unwrap_or_default().into() }
 }
 
 #[cfg(test)]
@@ -209,8 +216,9 @@ mod tests {
     use super::*;
     use serde_json::value::RawValue;
 
-    fn event(id: i64, topic: &str, recipients: Option<&[&str]>) -> ClaimedEvent {
-        ClaimedEvent {
+    fn event(id: i64, topic: &str, recipients: Option<&[&str]>) -> Event {
+        Event {
+            seq: id,
             id,
             topic: topic.into(),
             kind: "k".into(),
@@ -234,9 +242,9 @@ mod tests {
 
         let routed = hub.route(&[event(1, "x", Some(&["alice"])), event(2, "post:1", None)], &metrics).await;
         assert_eq!(routed, Routed { delivered: 3, overflowed: 0 });
-        assert!(rx_a1.try_recv().expect("a1").contains("\"id\":1"));
-        assert!(rx_a2.try_recv().expect("a2").contains("\"id\":1"));
-        assert!(rx_b1.try_recv().expect("b1").contains("\"id\":2"));
+        assert!(rx_a1.try_recv().expect("a1").text.contains("\"id\":1"));
+        assert!(rx_a2.try_recv().expect("a2").text.contains("\"id\":1"));
+        assert!(rx_b1.try_recv().expect("b1").text.contains("\"id\":2"));
         assert!(rx_a1.try_recv().is_err());
 
         hub.unregister(a1, "alice", ["post:2"]);
@@ -268,7 +276,7 @@ mod tests {
             let mut ids = Vec::new();
             while ids.len() < 100 {
                 let Some(frame) = rx.recv().await else { break };
-                let value: serde_json::Value = serde_json::from_str(&frame).expect("json");
+                let value: serde_json::Value = serde_json::from_str(&frame.text).expect("json");
                 ids.push(value["id"].as_i64().expect("id"));
             }
             ids

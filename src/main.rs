@@ -72,7 +72,7 @@ async fn run(command: Command, options: Options) -> Result<(), Failure> {
             node::run(options.serve_config()?, None, |_| {}).await.map_err(|e| Failure::Runtime(e.to_string()))
         }
         Command::Migrate => {
-            let database = options.database()?;
+            let database = options.listen_database()?;
             let applied = db::migrate::migrate(&database).await.map_err(|e| Failure::Runtime(e.to_string()))?;
             match applied.as_slice() {
                 [] => tracing::info!(version = db::migrate::latest_version(), "schema already current"),
@@ -81,12 +81,44 @@ async fn run(command: Command, options: Options) -> Result<(), Failure> {
             Ok(())
         }
         Command::Token(args) => token(&options, &args),
+        Command::Status => status(&options).await,
         Command::Demo => demo::run(options).await.map_err(|e| match e {
             demo::DemoError::Config(e) => Failure::Config(e.to_string()),
             demo::DemoError::NoPostgres(message) => Failure::Config(message),
             other => Failure::Runtime(other.to_string()),
         }),
     }
+}
+
+/// `nudge status`: the cluster as the database sees it.
+async fn status(options: &Options) -> Result<(), Failure> {
+    let database = options.database()?;
+    let runtime = |e: tokio_postgres::Error| Failure::Runtime(format!("cannot read the cluster status: {e}"));
+    let (client, connection) = database.connect(tokio_postgres::NoTls).await.map_err(runtime)?;
+    let driver = tokio::spawn(connection);
+    let status = db::nodes::status(&client).await.map_err(runtime)?;
+    drop(client);
+    let _ = driver.await;
+    println!("last seq {}, pending rows {}, nodes {}", status.last_seq, status.pending, status.nodes.len());
+    if !status.nodes.is_empty() {
+        println!(
+            "\n{:<28} {:<22} {:<20} {:>9} {:>11} {:>10} {:>6}",
+            "NODE", "ADDRESS", "STARTED (UTC)", "HEARTBEAT", "CONNECTIONS", "CURSOR", "LAG"
+        );
+    }
+    for node in &status.nodes {
+        println!(
+            "{:<28} {:<22} {:<20} {:>8.0}s {:>11} {:>10} {:>6}",
+            node.id,
+            node.address,
+            node.started,
+            node.heartbeat_age_s,
+            node.connections,
+            node.cursor,
+            status.last_seq - node.cursor
+        );
+    }
+    Ok(())
 }
 
 fn token(options: &Options, args: &TokenArgs) -> Result<(), Failure> {

@@ -5,6 +5,7 @@
 //! every connection with 1001, let the claim pass in progress finish, bounded by `SHUTDOWN_GRACE`.
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use tokio::sync::Semaphore;
 use crate::config::ServeConfig;
 use crate::connection::Shared;
 use crate::db;
+use crate::db::listen::Listeners;
 use crate::health::{Metrics, Readiness};
 use crate::http::{self, ExtraRoutes};
 use crate::hub::Hub;
@@ -41,6 +43,8 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let ServeConfig {
         database,
+        listen_database,
+        node_id,
         listen,
         tls,
         authenticator,
@@ -58,15 +62,19 @@ pub async fn run(
 
     let (trigger, shutdown) = shutdown::channel();
     let hub = Arc::new(Hub::new());
-    let wakeups = Arc::new(Wakeups::default());
+    let claims = Arc::new(Wakeups::default());
+    let deliveries = Arc::new(Wakeups::default());
+    let cursor = Arc::new(AtomicI64::new(0));
     let metrics = Arc::new(Metrics::default());
     let readiness = Arc::new(Readiness::default());
     let shared = Arc::new(Shared {
         hub: hub.clone(),
-        wakeups: wakeups.clone(),
+        wakeups: claims.clone(),
         authenticator: Arc::new(authenticator),
         metrics: metrics.clone(),
         limits,
+        pool: pool.clone(),
+        cursor: cursor.clone(),
     });
     let slots = Arc::new(Semaphore::new(max_connections));
     let server = Arc::new(http::Server {
@@ -78,14 +86,16 @@ pub async fn run(
         max_connections,
         shutdown: shutdown.clone(),
     });
-    let relay = Arc::new(Relay { pool, hub, wakeups, metrics, readiness, settings: relay });
+    let relay = Arc::new(Relay { pool, hub, claims, deliveries, cursor, metrics, readiness, settings: relay });
 
     let scheme = if tls.is_some() { "https/wss" } else { "http/ws" };
     let http_task = tokio::spawn(http::serve(listener, server, tls, extra_routes));
     tracing::info!("listening on {local} ({scheme})");
     on_listening(local);
 
-    let relay_task = tokio::spawn(run_database_side(relay, database, migrate, shutdown.clone()));
+    let node = NodeIdentity { id: node_id, address: local.to_string() };
+    tracing::info!(node = %node.id, "node started");
+    let relay_task = tokio::spawn(run_database_side(relay, listen_database, migrate, node, shutdown.clone()));
 
     shutdown::os_signal().await;
     tracing::info!("shutting down: closing connections, finishing the claim pass in progress");
@@ -104,19 +114,43 @@ pub async fn run(
     Ok(())
 }
 
-/// Schema first (retrying while the database is away), then LISTEN, poll, retention, and the claim loop.
-async fn run_database_side(relay: Arc<Relay>, database: tokio_postgres::Config, migrate: bool, shutdown: Shutdown) {
-    if !relay::prepare_schema(&database, migrate, &relay.readiness, shutdown.clone()).await {
+/// How this node appears in `nudge.nodes`.
+struct NodeIdentity {
+    id: String,
+    address: String,
+}
+
+/// Schema first (retrying while the database is away), then the cursor, then LISTEN, poll, retention, heartbeat
+/// and the two relay loops. `session_db` is the direct connection (LISTEN and migrations need a session).
+async fn run_database_side(
+    relay: Arc<Relay>,
+    session_db: tokio_postgres::Config,
+    migrate: bool,
+    node: NodeIdentity,
+    shutdown: Shutdown,
+) {
+    if !relay::prepare_schema(&session_db, migrate, &relay.readiness, shutdown.clone()).await {
         return;
     }
-    tokio::spawn(db::listen::run(database, relay.wakeups.clone(), relay.readiness.clone(), shutdown.clone()));
-    tokio::spawn({
-        let (relay, shutdown) = (relay.clone(), shutdown.clone());
-        async move { relay.run_poll(shutdown).await }
-    });
-    tokio::spawn({
-        let (relay, shutdown) = (relay.clone(), shutdown.clone());
-        async move { relay.run_retention(shutdown).await }
-    });
+    if !relay.start_cursor(shutdown.clone()).await {
+        return;
+    }
+    let listeners = Listeners { claims: relay.claims.clone(), deliveries: relay.deliveries.clone() };
+    tokio::spawn(db::listen::run(session_db, listeners, relay.readiness.clone(), shutdown.clone()));
+    let poll = spawn_relay(&relay, &shutdown, |r, s| async move { r.run_poll(s).await });
+    let retention = spawn_relay(&relay, &shutdown, |r, s| async move { r.run_retention(s).await });
+    let deliveries = spawn_relay(&relay, &shutdown, |r, s| async move { r.run_deliveries(s).await });
+    let heartbeat =
+        spawn_relay(&relay, &shutdown, |r, s| async move { r.run_heartbeat(&node.id, &node.address, s).await });
     relay.run_claims(shutdown).await;
+    // Shutdown: wait for the pass in progress of each loop, and for the heartbeat to remove our row.
+    let _ = tokio::join!(poll, retention, deliveries, heartbeat);
+}
+
+fn spawn_relay<F, Fut>(relay: &Arc<Relay>, shutdown: &Shutdown, task: F) -> tokio::task::JoinHandle<()>
+where
+    F: FnOnce(Arc<Relay>, Shutdown) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(task(relay.clone(), shutdown.clone()))
 }

@@ -20,12 +20,24 @@ pub const CLOSE_TOO_SLOW: u16 = 1013;
 #[derive(Debug, Deserialize, PartialEq, Eq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
-    Auth { token: String },
-    Subscribe { topic: String },
-    Unsubscribe { topic: String },
+    Auth {
+        token: String,
+    },
+    Subscribe {
+        topic: String,
+    },
+    Unsubscribe {
+        topic: String,
+    },
     Wakeup,
     Ping,
-    Refresh { token: String },
+    Refresh {
+        token: String,
+    },
+    /// Replay what this user missed after `since` (an event's `seq`), then carry on live. Once per connection.
+    Resume {
+        since: i64,
+    },
 }
 
 /// A parsed frame: the request and the `ref` its reply must echo.
@@ -89,12 +101,32 @@ pub enum ErrorCode {
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Reply<'a> {
-    Ready { user: &'a str, expires_at: u64 },
-    Subscribed { topic: &'a str },
-    Unsubscribed { topic: &'a str },
+    Ready {
+        user: &'a str,
+        expires_at: u64,
+    },
+    Subscribed {
+        topic: &'a str,
+    },
+    Unsubscribed {
+        topic: &'a str,
+    },
     Pong,
-    Refreshed { expires_at: u64 },
-    Error { code: ErrorCode, message: &'a str },
+    Refreshed {
+        expires_at: u64,
+    },
+    /// After a `resume`: events in (since, until] were replayed; `complete: false` means some are gone
+    /// (older than the retention, or too many) and the client should refetch everything.
+    Resumed {
+        since: i64,
+        until: i64,
+        replayed: usize,
+        complete: bool,
+    },
+    Error {
+        code: ErrorCode,
+        message: &'a str,
+    },
 }
 
 impl Reply<'_> {
@@ -115,6 +147,8 @@ pub struct EventFrame<'a> {
     #[serde(rename = "type")]
     pub frame_type: &'static str,
     pub id: i64,
+    /// Cluster-wide delivery order: what a client passes to `resume` after a reconnect.
+    pub seq: i64,
     pub topic: &'a str,
     pub kind: &'a str,
     /// `occurred_at` in UTC with milliseconds, formatted by the database.

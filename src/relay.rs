@@ -1,17 +1,24 @@
-//! The relay loop: wake-up -> claim pass -> route. Plus the two timers around it (fallback poll, retention).
+//! The relay: two loops and the timers around them.
 //!
-//! Invariant: at most one claim pass runs at a time on a node, and the hub sees batches in claim order, so every
-//! connection receives events in id order. Wake-ups arriving during a pass cause one more pass (see `wake`).
+//! - **Claims** (`run_claims`): woken by NOTIFY nudge (an INSERT), a client's `wakeup`, or the poll. One pass at
+//!   a time claims pending rows in batches and gives them a cluster-wide `seq` (see `db::events`). It delivers
+//!   nothing itself: the rows it claimed are now visible to every node's reader, its own included.
+//! - **Deliveries** (`run_deliveries`): woken by NOTIFY nudge_claimed (any node's claim), this node's own claims,
+//!   or the poll. It reads claimed rows past this node's cursor, in seq order, routes them to this node's
+//!   connections, and advances the cursor. The cursor is the truth; notifications only wake.
+//!
+//! Invariants: one pass of each loop at a time per node; the hub sees events in seq order, so every connection
+//! receives them in that order, exactly once, on every node.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
 
 use crate::config::RelaySettings;
-use crate::db::claim;
-use crate::db::{migrate, Backoff};
+use crate::db::events;
+use crate::db::{migrate, nodes, Backoff};
 use crate::health::{Metrics, Readiness};
 use crate::hub::Hub;
 use crate::shutdown::Shutdown;
@@ -21,7 +28,12 @@ use crate::wake::Wakeups;
 pub struct Relay {
     pub pool: Pool,
     pub hub: Arc<Hub>,
-    pub wakeups: Arc<Wakeups>,
+    /// "Rows may be pending": NOTIFY nudge, client `wakeup`, poll, LISTEN (re)connect.
+    pub claims: Arc<Wakeups>,
+    /// "Rows may be claimed past our cursor": NOTIFY nudge_claimed, our own claims, poll, LISTEN (re)connect.
+    pub deliveries: Arc<Wakeups>,
+    /// The highest seq routed to this node's connections; `resume` replays up to here.
+    pub cursor: Arc<AtomicI64>,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     pub settings: RelaySettings,
@@ -29,22 +41,36 @@ pub struct Relay {
 
 impl Relay {
     /// Run claim passes whenever woken, until shutdown. A pass in progress is finished before returning.
-    pub async fn run_claims(&self, mut shutdown: Shutdown) {
+    pub async fn run_claims(&self, shutdown: Shutdown) {
+        self.run_passes(&self.claims, shutdown, "claim", || self.claim_pass()).await
+    }
+
+    /// Deliver claimed rows past the cursor whenever woken, until shutdown.
+    pub async fn run_deliveries(&self, shutdown: Shutdown) {
+        self.run_passes(&self.deliveries, shutdown, "delivery", || self.delivery_pass()).await
+    }
+
+    /// The loop both share: wait for a wake-up, run one pass; after a failure, pause with backoff and retry even
+    /// if nobody wakes us, since the work is still there.
+    async fn run_passes<'a, F, Fut>(&'a self, wakeups: &Wakeups, mut shutdown: Shutdown, what: &str, pass: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<(), events::QueryError>> + 'a,
+    {
         let mut backoff = Backoff::default();
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.triggered() => return,
-                _ = self.wakeups.wait() => {}
+                _ = wakeups.wait() => {}
             }
-            match self.pass().await {
+            match pass().await {
                 Ok(()) => backoff.reset(),
                 Err(e) => {
-                    tracing::warn!("claim pass failed: {e}");
+                    tracing::warn!("{what} pass failed: {e}");
                     self.readiness.set_error(e.to_string());
-                    // Try again after a pause even if nobody wakes us: the rows are still pending.
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff.next_delay()) => self.wakeups.wake(),
+                        _ = tokio::time::sleep(backoff.next_delay()) => wakeups.wake(),
                         _ = shutdown.triggered() => return,
                     }
                 }
@@ -52,35 +78,69 @@ impl Relay {
         }
     }
 
-    /// Claim batches until one comes back short, routing each after its transaction committed.
-    async fn pass(&self) -> Result<(), claim::ClaimError> {
+    /// Claim batches until one comes back short.
+    async fn claim_pass(&self) -> Result<(), events::QueryError> {
         self.metrics.claim_passes.fetch_add(1, Ordering::Relaxed);
         loop {
-            let batch = claim::claim_batch(&self.pool, self.settings.claim_batch, self.settings.max_age).await?;
-            self.metrics.claimed.fetch_add(batch.claimed as u64, Ordering::Relaxed);
-            self.metrics.expired.fetch_add(batch.expired as u64, Ordering::Relaxed);
-            if !batch.events.is_empty() {
-                let routed = self.hub.route(&batch.events, &self.metrics).await;
-                tracing::debug!(
-                    claimed = batch.claimed,
-                    expired = batch.expired,
-                    delivered = routed.delivered,
-                    "claimed batch"
-                );
+            let claimed = events::claim_batch(&self.pool, self.settings.claim_batch, self.settings.max_age).await?;
+            self.metrics.claimed.fetch_add(claimed.claimed as u64, Ordering::Relaxed);
+            self.metrics.expired.fetch_add(claimed.expired as u64, Ordering::Relaxed);
+            if let Some(last_seq) = claimed.last_seq {
+                tracing::debug!(claimed = claimed.claimed, expired = claimed.expired, last_seq, "claimed batch");
+                // Committed: our reader need not wait for the NOTIFY to come back around.
+                self.deliveries.wake();
             }
-            if (batch.claimed as i64) < self.settings.claim_batch {
+            if (claimed.claimed as i64) < self.settings.claim_batch {
                 return Ok(());
             }
         }
     }
 
-    /// Wake the claim loop every poll interval: the safety net for notifications lost while LISTEN was down.
+    /// Route claimed rows past the cursor, batch by batch, advancing the cursor after each.
+    async fn delivery_pass(&self) -> Result<(), events::QueryError> {
+        loop {
+            let cursor = self.cursor.load(Ordering::SeqCst);
+            let batch = events::read_after(&self.pool, cursor, self.settings.claim_batch).await?;
+            let Some(last) = batch.last() else { return Ok(()) };
+            let last_seq = last.seq;
+            let routed = self.hub.route(&batch, &self.metrics).await;
+            // Only after routing: `resume` replays up to the cursor, the live stream carries what is past it.
+            self.cursor.store(last_seq, Ordering::SeqCst);
+            tracing::debug!(events = batch.len(), delivered = routed.delivered, cursor = last_seq, "delivered batch");
+            if (batch.len() as i64) < self.settings.claim_batch {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Start the cursor at the last seq handed out: a node delivers what is claimed after it starts.
+    pub async fn start_cursor(&self, mut shutdown: Shutdown) -> bool {
+        let mut backoff = Backoff::default();
+        loop {
+            match events::last_seq(&self.pool).await {
+                Ok(last) => {
+                    self.cursor.store(last, Ordering::SeqCst);
+                    return true;
+                }
+                Err(e) => self.readiness.set_error(e.to_string()),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = shutdown.triggered() => return false,
+            }
+        }
+    }
+
+    /// Wake both loops every poll interval: the safety net for notifications lost while LISTEN was down.
     pub async fn run_poll(&self, mut shutdown: Shutdown) {
         let mut tick = tokio::time::interval(self.settings.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.wakeups.wake(),
+                _ = tick.tick() => {
+                    self.claims.wake();
+                    self.deliveries.wake();
+                }
                 _ = shutdown.triggered() => return,
             }
         }
@@ -97,10 +157,10 @@ impl Relay {
                 _ = shutdown.triggered() => return,
             }
             loop {
-                match claim::delete_processed(&self.pool, self.settings.retention).await {
+                match events::delete_processed(&self.pool, self.settings.retention).await {
                     Ok(deleted) => {
                         self.metrics.deleted.fetch_add(deleted, Ordering::Relaxed);
-                        if (deleted as i64) < claim::DELETE_BATCH || shutdown.is_triggered() {
+                        if (deleted as i64) < events::DELETE_BATCH || shutdown.is_triggered() {
                             break;
                         }
                     }
@@ -109,6 +169,26 @@ impl Relay {
                         break;
                     }
                 }
+            }
+        }
+    }
+
+    /// Record this node in `nudge.nodes` every few seconds; remove the row on a clean shutdown.
+    pub async fn run_heartbeat(&self, node_id: &str, address: &str, mut shutdown: Shutdown) {
+        let mut tick = tokio::time::interval(nodes::HEARTBEAT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.triggered() => {
+                    let _ = nodes::remove(&self.pool, node_id).await;
+                    return;
+                }
+            }
+            let connections = i32::try_from(self.hub.connections()).unwrap_or(i32::MAX);
+            let cursor = self.cursor.load(Ordering::SeqCst);
+            if let Err(e) = nodes::heartbeat(&self.pool, node_id, address, connections, cursor).await {
+                tracing::debug!("heartbeat failed: {e}");
             }
         }
     }

@@ -92,11 +92,14 @@ async fn event_json_has_exactly_the_documented_fields_and_never_recipients() {
         let row = pg.query_one(sql, &[&"post:42", &"comment.created", &recipients]).await.unwrap();
         let (id, at): (i64, String) = (row.get(0), row.get(1));
         let ev = alice.recv_json(SOON).await;
+        // seq is the cluster-wide delivery order (schema v2); its value is checked in tests/cluster.rs.
+        assert!(ev["seq"].as_i64().is_some_and(|seq| seq > 0), "seq: {ev}");
         assert_eq!(
             ev,
             json!({
                 "type": "event",
                 "id": id,
+                "seq": ev["seq"],
                 "topic": "post:42",
                 "kind": "comment.created",
                 "at": at,
@@ -382,7 +385,7 @@ async fn processed_rows_are_deleted_after_retention() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn two_nodes_never_claim_the_same_row() {
+async fn two_nodes_claim_disjoint_rows_and_each_delivers_every_event_once() {
     let db = TestDb::new().await;
     db.migrate();
     let n1 = Nudge::start(&db.url, &[("NUDGE_CLAIM_BATCH", "50")]).await;
@@ -397,29 +400,22 @@ async fn two_nodes_never_claim_the_same_row() {
     for _ in 0..50 {
         all.extend(insert_many(&pg, "multi", 100).await);
     }
-    let mut got_a = Vec::new();
-    let mut got_b = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while got_a.len() + got_b.len() < all.len() {
-        assert!(std::time::Instant::now() < deadline, "only {} + {} of {} events", got_a.len(), got_b.len(), all.len());
-        tokio::select! {
-            m = a.next(Duration::from_secs(1)) => if let Some(Incoming::Json(v)) = m { got_a.push(v["id"].as_i64().unwrap()) },
-            m = b.next(Duration::from_secs(1)) => if let Some(Incoming::Json(v)) = m { got_b.push(v["id"].as_i64().unwrap()) },
-        }
-    }
+    let wait = Duration::from_secs(60);
+    let (got_a, got_b) = tokio::join!(a.recv_event_ids(all.len(), wait), b.recv_event_ids(all.len(), wait));
     a.expect_silence(SILENCE).await;
     b.expect_silence(SILENCE).await;
-    let set_a: BTreeSet<i64> = got_a.iter().copied().collect();
-    let set_b: BTreeSet<i64> = got_b.iter().copied().collect();
-    assert_eq!(set_a.len(), got_a.len(), "node 1 delivered an event twice");
-    assert_eq!(set_b.len(), got_b.len(), "node 2 delivered an event twice");
-    assert!(
-        set_a.is_disjoint(&set_b),
-        "both nodes claimed ids {:?}",
-        set_a.intersection(&set_b).take(10).collect::<Vec<_>>()
-    );
-    let union: BTreeSet<i64> = set_a.union(&set_b).copied().collect();
-    assert_eq!(union, all);
+    for (node, got) in [("node 1", &got_a), ("node 2", &got_b)] {
+        let set: BTreeSet<i64> = got.iter().copied().collect();
+        assert_eq!(set.len(), got.len(), "{node} delivered an event twice");
+        assert_eq!(set, all, "{node} missed events");
+    }
+    // Both nodes claimed (the work is shared), and every row was claimed once: one seq each, no gaps.
+    let claimed_1 = n1.metric("nudge_events_claimed_total").await;
+    let claimed_2 = n2.metric("nudge_events_claimed_total").await;
+    assert_eq!(claimed_1 + claimed_2, all.len() as f64, "claims overlapped or were lost");
+    let row = pg.query_one("SELECT count(DISTINCT seq), min(seq), max(seq) FROM nudge.events", &[]).await.unwrap();
+    let (distinct, min, max): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!((distinct, min, max), (all.len() as i64, 1, all.len() as i64));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,8 +1,10 @@
-//! The LISTEN connection: a dedicated tokio-postgres session on channel `nudge`, driven with `poll_message`.
+//! The LISTEN connection: a dedicated tokio-postgres session, driven with `poll_message`, on two channels:
+//! `nudge` (the insert trigger: rows are pending, claim them) and `nudge_claimed` (some node claimed rows: read
+//! past the cursor).
 //!
-//! A notification only means "look": its payload is ignored, and the claim pass finds out what is pending. That
-//! is why a lost notification (the connection was down) costs nothing but latency: every (re)connect wakes the
-//! relay at once, and the fallback poll covers the rest.
+//! A notification only means "look": its payload is ignored, and the passes find out what there is. That is why
+//! a lost notification (the connection was down) costs nothing but latency: every (re)connect wakes both loops
+//! at once, and the fallback poll covers the rest.
 
 use std::future::poll_fn;
 use std::sync::Arc;
@@ -15,13 +17,21 @@ use crate::shutdown::Shutdown;
 use crate::wake::Wakeups;
 
 /// The channel the `events_notify` trigger notifies.
-pub const CHANNEL: &str = "nudge";
-const LISTEN: &str = "LISTEN nudge";
+pub const INSERTED: &str = "nudge";
+/// The channel every claim notifies when it commits (payload: the last seq it handed out).
+pub const CLAIMED: &str = "nudge_claimed";
+const LISTEN: &str = "LISTEN nudge; LISTEN nudge_claimed";
+
+/// Who to wake for each channel.
+pub struct Listeners {
+    pub claims: Arc<Wakeups>,
+    pub deliveries: Arc<Wakeups>,
+}
 
 /// Keep a LISTEN session open until shutdown, reconnecting with backoff.
 pub async fn run(
     config: tokio_postgres::Config,
-    wakeups: Arc<Wakeups>,
+    wakeups: Listeners,
     readiness: Arc<Readiness>,
     mut shutdown: Shutdown,
 ) {
@@ -52,7 +62,7 @@ pub async fn run(
 /// One session: connect, LISTEN, wake the relay, then forward notifications until the connection ends.
 async fn listen_once(
     config: &tokio_postgres::Config,
-    wakeups: &Wakeups,
+    wakeups: &Listeners,
     readiness: &Readiness,
     backoff: &mut Backoff,
 ) -> Result<(), tokio_postgres::Error> {
@@ -61,7 +71,8 @@ async fn listen_once(
     let notifications = async {
         loop {
             match poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(_))) => wakeups.wake(),
+                Some(Ok(AsyncMessage::Notification(n))) if n.channel() == CLAIMED => wakeups.deliveries.wake(),
+                Some(Ok(AsyncMessage::Notification(_))) => wakeups.claims.wake(),
                 Some(Ok(_notice)) => {}
                 Some(Err(e)) => return Err(e),
                 None => return Ok(()),
@@ -76,8 +87,9 @@ async fn listen_once(
     readiness.set_listen(true);
     backoff.reset();
     tracing::info!("LISTEN connection up");
-    // Anything inserted while we were not listening would otherwise wait for the fallback poll.
-    wakeups.wake();
+    // Anything inserted or claimed while we were not listening would otherwise wait for the fallback poll.
+    wakeups.claims.wake();
+    wakeups.deliveries.wake();
     let ended = notifications.await;
     drop(client);
     ended

@@ -13,8 +13,10 @@ pub struct Migration {
 }
 
 /// Every migration, in order. The newest version is what this binary needs.
-pub const MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, name: "0001_events.sql", sql: include_str!("../../sql/0001_events.sql") }];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, name: "0001_events.sql", sql: include_str!("../../sql/0001_events.sql") },
+    Migration { version: 2, name: "0002_cluster.sql", sql: include_str!("../../sql/0002_cluster.sql") },
+];
 
 /// Advisory lock key: "nudge" in ASCII, so it is recognisable in `pg_locks`.
 const LOCK_KEY: i64 = 0x006e_7564_6765;

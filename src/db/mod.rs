@@ -1,9 +1,10 @@
 //! Everything nudge says to PostgreSQL: the schema ([`migrate`]), the LISTEN connection ([`listen`]), and the
 //! claim and retention queries ([`claim`]). Claims and cleanup use a deadpool pool; LISTEN has its own session.
 
-pub mod claim;
+pub mod events;
 pub mod listen;
 pub mod migrate;
+pub mod nodes;
 
 use std::time::Duration;
 

@@ -1,0 +1,197 @@
+//! The queries on event rows: claim (give pending rows a delivery `seq`), read past a cursor, replay for
+//! `resume`, and delete after the retention.
+//!
+//! Why the order is cluster-wide and gapless: a claim takes its seq numbers from `nudge.delivery`'s single row
+//! and holds that row's lock until it commits. The next claim, on any node, waits for that commit before it
+//! takes numbers. So when a reader's snapshot shows seq N, every seq below N was committed before it and is
+//! visible too: "read everything past my cursor, in seq order" never skips a row, however producers commit.
+//!
+//! Every query goes through `query_typed` (no named prepared statements), so the pool URL may point at PgBouncer
+//! in transaction mode.
+
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use serde_json::value::RawValue;
+use tokio_postgres::types::Type;
+use tokio_postgres::Row;
+
+/// One deliverable event, as read past a cursor.
+#[derive(Debug)]
+pub struct Event {
+    /// Cluster-wide delivery order.
+    pub seq: i64,
+    pub id: i64,
+    pub topic: String,
+    pub kind: String,
+    /// `occurred_at` formatted by PostgreSQL as `2026-11-25T10:00:00.123Z`.
+    pub at: String,
+    /// Deduplicated, so a user listed twice is still nudged once.
+    pub recipients: Option<Vec<String>>,
+    pub data: Box<RawValue>,
+}
+
+/// What one claim statement did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Claimed {
+    /// Rows claimed, expired ones included: fewer than the limit means nothing was left.
+    pub claimed: usize,
+    /// Rows older than the max age: marked processed, given no seq, never delivered.
+    pub expired: usize,
+    /// The highest seq handed out, when any row was deliverable.
+    pub last_seq: Option<i64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("no database connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("event {id} has data that is not JSON: {source}")]
+    Data { id: i64, source: serde_json::Error },
+}
+
+/// Claim up to $1 pending rows in id order, skipping rows another claim holds; number the deliverable ones from
+/// `nudge.delivery` (locking it until commit); tell every node with NOTIFY nudge_claimed. One statement, so one
+/// transaction: a crash before commit leaves the rows pending.
+const CLAIM: &str = r#"
+WITH next AS (
+    SELECT id, occurred_at < now() - make_interval(secs => $2) AS expired
+    FROM nudge.events
+    WHERE processed_at IS NULL
+    ORDER BY id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), live AS (
+    SELECT id, row_number() OVER (ORDER BY id) AS n FROM next WHERE NOT expired
+), counter AS (
+    UPDATE nudge.delivery
+    SET last_seq = last_seq + (SELECT count(*) FROM live)
+    WHERE EXISTS (SELECT 1 FROM live)
+    RETURNING last_seq - (SELECT count(*) FROM live) AS base, pg_notify('nudge_claimed', last_seq::text)
+)
+UPDATE nudge.events e
+SET processed_at = now(), seq = (SELECT base FROM counter) + live.n
+FROM next LEFT JOIN live USING (id)
+WHERE e.id = next.id
+RETURNING e.seq
+"#;
+
+pub async fn claim_batch(pool: &Pool, limit: i64, max_age: Duration) -> Result<Claimed, QueryError> {
+    let client = pool.get().await?;
+    let rows = client.query_typed(CLAIM, &[(&limit, Type::INT8), (&max_age.as_secs_f64(), Type::FLOAT8)]).await?;
+    let seqs: Vec<Option<i64>> = rows.iter().map(|row| row.get(0)).collect();
+    Ok(Claimed {
+        claimed: seqs.len(),
+        expired: seqs.iter().filter(|s| s.is_none()).count(),
+        last_seq: seqs.iter().flatten().max().copied(),
+    })
+}
+
+const COLUMNS: &str = r#"seq, id, topic, kind,
+    to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'), recipients, data::text"#;
+
+/// Claimed events with seq greater than `cursor`, in seq order.
+pub async fn read_after(pool: &Pool, cursor: i64, limit: i64) -> Result<Vec<Event>, QueryError> {
+    let client = pool.get().await?;
+    let sql = format!("SELECT {COLUMNS} FROM nudge.events WHERE seq > $1 ORDER BY seq LIMIT $2");
+    let rows = client.query_typed(&sql, &[(&cursor, Type::INT8), (&limit, Type::INT8)]).await?;
+    rows.iter().map(event).collect()
+}
+
+/// The highest seq handed out so far: where a starting node's cursor begins.
+pub async fn last_seq(pool: &Pool) -> Result<i64, QueryError> {
+    let client = pool.get().await?;
+    Ok(client.query_typed_one("SELECT last_seq FROM nudge.delivery", &[]).await?.get(0))
+}
+
+/// What `resume` replays: one user's events in (since, until], personal or on one of `topics`.
+#[derive(Debug)]
+pub struct Replay {
+    pub events: Vec<Event>,
+    /// False when part of the range is gone (deleted after the retention) or more than `limit` events match.
+    pub complete: bool,
+}
+
+pub async fn replay(
+    pool: &Pool,
+    user: &str,
+    topics: &[&str],
+    since: i64,
+    until: i64,
+    limit: i64,
+) -> Result<Replay, QueryError> {
+    let client = pool.get().await?;
+    if since >= until {
+        // Nothing to replay; a `since` beyond what the cluster ever handed out means another database's seqs.
+        let last: i64 = client.query_typed_one("SELECT last_seq FROM nudge.delivery", &[]).await?.get(0);
+        return Ok(Replay { events: Vec::new(), complete: since <= last });
+    }
+    let sql = format!(
+        "SELECT {COLUMNS} FROM nudge.events WHERE seq > $1 AND seq <= $2 \
+         AND ($3 = ANY(recipients) OR (recipients IS NULL AND topic = ANY($4))) ORDER BY seq LIMIT $5"
+    );
+    let topics: Vec<&str> = topics.to_vec();
+    let fetch = limit + 1;
+    let rows = client
+        .query_typed(
+            &sql,
+            &[
+                (&since, Type::INT8),
+                (&until, Type::INT8),
+                (&user, Type::TEXT),
+                (&topics, Type::TEXT_ARRAY),
+                (&fetch, Type::INT8),
+            ],
+        )
+        .await?;
+    let mut events: Vec<Event> = rows.iter().map(event).collect::<Result<_, _>>()?;
+    let truncated = events.len() as i64 > limit;
+    events.truncate(limit as usize);
+    // The oldest seq still stored: anything in (since, oldest) was deleted after the retention.
+    let oldest: Option<i64> =
+        client.query_typed_one("SELECT min(seq) FROM nudge.events WHERE seq IS NOT NULL", &[]).await?.get(0);
+    let gone = match oldest {
+        Some(oldest) => since + 1 < oldest,
+        None => true,
+    };
+    Ok(Replay { events, complete: !truncated && !gone })
+}
+
+/// Rows deleted per retention statement: small, so the sweep never holds many locks or bloats one transaction.
+pub const DELETE_BATCH: i64 = 1000;
+
+const DELETE_PROCESSED: &str = r#"
+DELETE FROM nudge.events
+WHERE id IN (
+    SELECT id FROM nudge.events
+    WHERE processed_at < now() - make_interval(secs => $1)
+    ORDER BY processed_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+"#;
+
+/// Delete one batch of rows processed more than `retention` ago; returns how many were deleted.
+pub async fn delete_processed(pool: &Pool, retention: Duration) -> Result<u64, QueryError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query_typed(
+            &format!("WITH deleted AS ({DELETE_PROCESSED} RETURNING 1) SELECT count(*) FROM deleted"),
+            &[(&retention.as_secs_f64(), Type::FLOAT8), (&DELETE_BATCH, Type::INT8)],
+        )
+        .await?;
+    Ok(rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0) as u64)
+}
+
+fn event(row: &Row) -> Result<Event, QueryError> {
+    let id: i64 = row.get(1);
+    let recipients = row.get::<_, Option<Vec<String>>>(5).map(|mut users| {
+        users.sort_unstable();
+        users.dedup();
+        users
+    });
+    let data = RawValue::from_string(row.get(6)).map_err(|source| QueryError::Data { id, source })?;
+    Ok(Event { seq: row.get(0), id, topic: row.get(2), kind: row.get(3), at: row.get(4), recipients, data })
+}

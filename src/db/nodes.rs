@@ -1,0 +1,86 @@
+//! `nudge.nodes`: every node records itself (id, address, connections, cursor) with a heartbeat, so that
+//! `nudge status` can print the cluster. Rows whose heartbeat is older than `STALE` are dead nodes and age out.
+
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio_postgres::types::Type;
+
+use super::events::QueryError;
+
+/// How often a node refreshes its row.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// A node silent this long is considered gone; any live node deletes its row.
+pub const STALE: Duration = Duration::from_secs(30);
+
+pub async fn heartbeat(pool: &Pool, id: &str, address: &str, connections: i32, cursor: i64) -> Result<(), QueryError> {
+    let client = pool.get().await?;
+    client
+        .query_typed(
+            "INSERT INTO nudge.nodes (id, address, started_at, heartbeat_at, connections, cursor) \
+             VALUES ($1, $2, now(), now(), $3, $4) \
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), address = EXCLUDED.address, \
+             connections = EXCLUDED.connections, cursor = EXCLUDED.cursor",
+            &[(&id, Type::TEXT), (&address, Type::TEXT), (&connections, Type::INT4), (&cursor, Type::INT8)],
+        )
+        .await?;
+    client
+        .query_typed(
+            "DELETE FROM nudge.nodes WHERE heartbeat_at < now() - make_interval(secs => $1)",
+            &[(&STALE.as_secs_f64(), Type::FLOAT8)],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Remove this node's row on a clean shutdown.
+pub async fn remove(pool: &Pool, id: &str) -> Result<(), QueryError> {
+    let client = pool.get().await?;
+    client.query_typed("DELETE FROM nudge.nodes WHERE id = $1", &[(&id, Type::TEXT)]).await?;
+    Ok(())
+}
+
+/// One row of `nudge status`.
+#[derive(Debug)]
+pub struct NodeStatus {
+    pub id: String,
+    pub address: String,
+    pub started: String,
+    pub heartbeat_age_s: f64,
+    pub connections: i32,
+    pub cursor: i64,
+}
+
+/// The whole cluster as the database sees it.
+#[derive(Debug)]
+pub struct ClusterStatus {
+    pub last_seq: i64,
+    pub pending: i64,
+    pub nodes: Vec<NodeStatus>,
+}
+
+pub async fn status(client: &tokio_postgres::Client) -> Result<ClusterStatus, tokio_postgres::Error> {
+    let last_seq: i64 = client.query_typed_one("SELECT last_seq FROM nudge.delivery", &[]).await?.get(0);
+    let pending: i64 =
+        client.query_typed_one("SELECT count(*) FROM nudge.events WHERE processed_at IS NULL", &[]).await?.get(0);
+    let rows = client
+        .query_typed(
+            "SELECT id, address, to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'), \
+             extract(epoch FROM now() - heartbeat_at)::float8, connections, cursor \
+             FROM nudge.nodes WHERE heartbeat_at >= now() - make_interval(secs => $1) ORDER BY started_at, id",
+            &[(&STALE.as_secs_f64(), Type::FLOAT8)],
+        )
+        .await?;
+    let nodes = rows
+        .iter()
+        .map(|r| NodeStatus {
+            id: r.get(0),
+            address: r.get(1),
+            started: r.get(2),
+            heartbeat_age_s: r.get(3),
+            connections: r.get(4),
+            cursor: r.get(5),
+        })
+        .collect();
+    Ok(ClusterStatus { last_seq, pending, nodes })
+}
