@@ -379,18 +379,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 .await;
         }
         session.resumed = true;
-        let cursor = self.shared.cursor.load(Ordering::SeqCst);
-        let until = session.first_live_seq.map_or(cursor, |first| cursor.min(first - 1)).max(since);
+        let Some(cursor) = started_cursor(self.shared.cursor.clone()).await else {
+            // The node has not read its starting position yet (the database is away): we cannot know what was
+            // missed, and saying so makes the client refetch, which is always correct.
+            return written(
+                self.reply(Reply::Resumed { since, until: since, replayed: 0, complete: false }, reference).await,
+            );
+        };
+        let Some(session) = &mut self.session else { return Step::Continue };
+        // Everything up to the cursor is in the live queues already; live events this connection got are newer.
+        let until = session.first_live_seq.map_or(cursor, |first| cursor.min(first - 1));
         let topics: Vec<&str> = session.topics.iter().map(|t| &**t).collect();
         let user = session.identity.user.clone();
         let replay = events::replay(&self.shared.pool, &user, &topics, since, until, RESUME_LIMIT).await;
         drop(topics);
-        let (events, complete) = match replay {
-            Ok(replay) => (replay.events, replay.complete),
+        let (events, complete, skip_through) = match replay {
+            Ok(replay) => (replay.events, replay.complete, replay.skip_through),
             Err(e) => {
                 // Unknown is incomplete: the client refetches, which is always correct.
                 tracing::warn!(user = %user, "resume replay failed: {e}");
-                (Vec::new(), false)
+                (Vec::new(), false, until)
             }
         };
         let replayed = events.len();
@@ -401,7 +409,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
         }
         if let Some(session) = &mut self.session {
-            session.last_sent_seq = session.last_sent_seq.max(until);
+            session.last_sent_seq = session.last_sent_seq.max(skip_through);
         }
         written(self.reply(Reply::Resumed { since, until, replayed, complete }, reference).await)
     }
@@ -431,6 +439,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
         })
         .await;
+    }
+}
+
+/// The node cursor, once the node has read its starting position; waits a little for a node that just started.
+async fn started_cursor(cursor: Arc<AtomicI64>) -> Option<i64> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let value = cursor.load(Ordering::SeqCst);
+        if value >= 0 {
+            return Some(value);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -64,7 +64,8 @@ pub async fn run(
     let hub = Arc::new(Hub::new());
     let claims = Arc::new(Wakeups::default());
     let deliveries = Arc::new(Wakeups::default());
-    let cursor = Arc::new(AtomicI64::new(0));
+    // -1 until `start_cursor` has read the last seq: `resume` waits for it.
+    let cursor = Arc::new(AtomicI64::new(-1));
     let metrics = Arc::new(Metrics::default());
     let readiness = Arc::new(Readiness::default());
     let shared = Arc::new(Shared {

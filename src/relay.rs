@@ -32,7 +32,7 @@ pub struct Relay {
     pub claims: Arc<Wakeups>,
     /// "Rows may be claimed past our cursor": NOTIFY nudge_claimed, our own claims, poll, LISTEN (re)connect.
     pub deliveries: Arc<Wakeups>,
-    /// The highest seq routed to this node's connections; `resume` replays up to here.
+    /// The highest seq routed to this node's connections; `resume` replays up to here. -1 until started.
     pub cursor: Arc<AtomicI64>,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,

@@ -43,8 +43,11 @@ export class NudgeError extends Error {
 /** An event as nudge delivers it. */
 export interface NudgeEvent<Data = Record<string, unknown>> {
   type: 'event';
-  /** The row's id in `nudge.events`; increasing per connection. */
+  /** The row's id in `nudge.events`. */
   id: number;
+  /** Cluster-wide delivery order, strictly increasing per connection: what the client resumes from after a
+   * reconnect. Absent only from servers older than the `resume` protocol. */
+  seq?: number;
   topic: string;
   kind: string;
   /** `occurred_at` in UTC with milliseconds, e.g. `2026-11-25T10:00:00.123Z`. */
@@ -90,6 +93,9 @@ export interface NudgeClientOptions {
   WebSocket?: WebSocketConstructor;
   /** Connect from the constructor. Default true; otherwise call `connect()`. */
   autoConnect?: boolean;
+  /** On a reconnect, ask the server to replay what was missed since the last event (`resume`), so a refetch is
+   * needed only when that is impossible. Default true. With false, every reconnect emits `refetch` ('disabled'). */
+  resume?: boolean;
 }
 
 export interface ReadyInfo {
@@ -97,6 +103,38 @@ export interface ReadyInfo {
   user: string;
   /** The token's expiry, Unix seconds. */
   expiresAt: number;
+}
+
+/** `reconnected`: ready again after a lost connection, and what happened to the events sent meanwhile. */
+export interface ReconnectedInfo extends ReadyInfo {
+  /** The server answered a `resume`: missed events (if any) were delivered to the handlers before this. */
+  resumed: boolean;
+  /** Nothing was missed: every event sent while away was replayed. */
+  complete: boolean;
+  /** The app must refetch what it shows (`!complete`); a `refetch` event follows with the reason. */
+  refetch: boolean;
+  /** Events replayed by the resume (0 when none was possible). */
+  replayed: number;
+}
+
+/**
+ * Why a refetch is needed:
+ * - `incomplete`: the server could not replay everything (events deleted after its retention, more than it
+ *   replays at once, or a position from another database);
+ * - `no_position`: the client never saw an event, so there is no position to resume from;
+ * - `resume_failed`: the server refused the `resume` request (e.g. a nudge older than it); see `error`;
+ * - `disabled`: the client was created with `resume: false`.
+ */
+export type RefetchReason = 'incomplete' | 'no_position' | 'resume_failed' | 'disabled';
+
+export interface RefetchInfo {
+  reason: RefetchReason;
+  /** The seq the client tried to resume from, or null when it could not resume. */
+  since: number | null;
+  /** For `incomplete`: the server's `until`, the position the stream continues from. */
+  until?: number;
+  /** For `resume_failed`: the server's error. */
+  error?: NudgeError;
 }
 
 export interface DisconnectedInfo {
@@ -120,8 +158,12 @@ export interface FrameInfo {
 export interface NudgeClientEvents {
   /** Authenticated and every subscription restored: after the first connect and after each reconnect. */
   ready: ReadyInfo & { reconnect: boolean };
-  /** Ready again after a lost connection. Hints sent while away are gone: refetch what the app shows. */
-  reconnected: ReadyInfo;
+  /** Ready again after a lost connection (or `close()` then `connect()`). Missed events were replayed to the
+   * handlers before it when possible; check `refetch`, or better, listen to the `refetch` event. */
+  reconnected: ReconnectedInfo;
+  /** After a reconnect, only when events sent while away may be lost: refetch what the app shows. Emitted right
+   * after `reconnected`, at most once per reconnect, never on the first connect. */
+  refetch: RefetchInfo;
   /** A connection or connection attempt ended. */
   disconnected: DisconnectedInfo;
   /** The client stopped for good: after `close()` (error null) or a refused token/provider returning null. */
@@ -162,6 +204,8 @@ export class NudgeClient {
   readonly expiresAt: number | null;
   /** Topics wanted: subscribed, or to be subscribed on the next connection. */
   readonly topics: string[];
+  /** The highest event `seq` delivered (or confirmed by a resume), or null: where the next reconnect resumes. */
+  readonly lastSeq: number | null;
 
   /** Start connecting (with `autoConnect: false`, or after `close()`). */
   connect(): void;

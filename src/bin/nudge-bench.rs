@@ -84,6 +84,7 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<(), String> {
+    let rss_before_kib = server_rss_kib(&args.server_pids);
     let connect_started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let received_total = Arc::new(AtomicU64::new(0));
@@ -192,7 +193,9 @@ async fn run(args: Args) -> Result<(), String> {
         "lost": expected.saturating_sub(delivered),
         "duplicated": duplicates,
         "latency_ms": { "p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99), "max": pct(1.0) },
+        "server_rss_kib_before": rss_before_kib,
         "server_rss_kib": rss_kib,
+        "server_rss_kib_per_connection": (rss_kib.saturating_sub(rss_before_kib)) as f64 / connected.max(1) as f64,
         "server_cpu_s": cpu_after - cpu_before,
     });
     println!("{summary}");

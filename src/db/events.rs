@@ -112,6 +112,9 @@ pub struct Replay {
     pub events: Vec<Event>,
     /// False when part of the range is gone (deleted after the retention) or more than `limit` events match.
     pub complete: bool,
+    /// Live events up to here must not be sent again: `until`, or `since` when the client is ahead of this
+    /// node's cursor (it saw them on a faster node). Never beyond the cluster's last seq.
+    pub skip_through: i64,
 }
 
 pub async fn replay(
@@ -124,9 +127,10 @@ pub async fn replay(
 ) -> Result<Replay, QueryError> {
     let client = pool.get().await?;
     if since >= until {
-        // Nothing to replay; a `since` beyond what the cluster ever handed out means another database's seqs.
+        // Nothing to replay. A `since` beyond what the cluster ever handed out is another database's seq.
         let last: i64 = client.query_typed_one("SELECT last_seq FROM nudge.delivery", &[]).await?.get(0);
-        return Ok(Replay { events: Vec::new(), complete: since <= last });
+        let known = since <= last;
+        return Ok(Replay { events: Vec::new(), complete: known, skip_through: if known { since } else { until } });
     }
     let sql = format!(
         "SELECT {COLUMNS} FROM nudge.events WHERE seq > $1 AND seq <= $2 \
@@ -156,18 +160,22 @@ pub async fn replay(
         Some(oldest) => since + 1 < oldest,
         None => true,
     };
-    Ok(Replay { events, complete: !truncated && !gone })
+    Ok(Replay { events, complete: !truncated && !gone, skip_through: until })
 }
 
 /// Rows deleted per retention statement: small, so the sweep never holds many locks or bloats one transaction.
 pub const DELETE_BATCH: i64 = 1000;
 
+/// Numbered rows are deleted as a prefix in seq order (everything up to the highest seq processed before the
+/// cutoff), so "the oldest stored seq" tells `replay` exactly what is gone. Rows without a seq (expired, or
+/// processed under schema version 1) go by age alone.
 const DELETE_PROCESSED: &str = r#"
 DELETE FROM nudge.events
 WHERE id IN (
     SELECT id FROM nudge.events
-    WHERE processed_at < now() - make_interval(secs => $1)
-    ORDER BY processed_at
+    WHERE (seq IS NULL AND processed_at < now() - make_interval(secs => $1))
+       OR seq <= (SELECT max(seq) FROM nudge.events WHERE processed_at < now() - make_interval(secs => $1))
+    ORDER BY seq NULLS FIRST
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 )

@@ -34,6 +34,7 @@ const DEFAULTS = {
   requestTimeoutMs: 15_000,
   backoff: { initialMs: 500, maxMs: 30_000 },
   autoConnect: true,
+  resume: true,
 };
 
 /** Close code the client uses when it gives up on a connection itself (pong/connect timeout). */
@@ -73,6 +74,7 @@ export class NudgeClient {
       connectTimeoutMs: options.connectTimeoutMs ?? DEFAULTS.connectTimeoutMs,
       requestTimeoutMs: options.requestTimeoutMs ?? DEFAULTS.requestTimeoutMs,
       backoff: { ...DEFAULTS.backoff, ...(options.backoff ?? {}) },
+      resume: options.resume ?? DEFAULTS.resume,
     };
 
     /** @type {'idle'|'connecting'|'ready'|'waiting'|'closed'} */
@@ -99,6 +101,10 @@ export class NudgeClient {
     this._user = null;
     this._expiresAt = null;
     this._timers = { connect: null, ping: null, pong: null, refresh: null, reconnect: null };
+    /** Highest `seq` delivered to the application (or covered by a `resumed` reply): where a resume starts. */
+    this._lastSeq = null;
+    /** Events held back on a reconnect until the `resumed` reply: replay and live stream are merged by seq. */
+    this._buffer = null;
 
     if (options.autoConnect ?? DEFAULTS.autoConnect) this.connect();
   }
@@ -118,6 +124,14 @@ export class NudgeClient {
   /** The current token's expiry in Unix seconds as the server reported it, or null. */
   get expiresAt() {
     return this._expiresAt;
+  }
+
+  /**
+   * The highest event `seq` delivered to the application (or confirmed by a resume), or null before the first
+   * event: the position the next reconnect resumes from.
+   */
+  get lastSeq() {
+    return this._lastSeq;
   }
 
   /** Topics this client wants (subscribed or being subscribed). */
@@ -346,7 +360,13 @@ export class NudgeClient {
         this._onSocketClose(e.code, e.reason);
       },
       error: () => {
-        // A 'close' event always follows; the close code tells more than the opaque error event.
+        // Browsers and Node >= 22 follow with 'close', whose code tells more than the opaque error event. Node
+        // 20's built-in WebSocket does not when the connection fails (refused port): it fires 'error' only and
+        // stays CONNECTING for ever. So an error not followed by 'close' shortly counts as the close.
+        later(() => {
+          if (generation !== this._generation || this._ws !== ws || ws.readyState === OPEN) return;
+          this._onSocketClose(1006, 'connection failed');
+        }, 100);
       },
     };
     ws._nudgeHandlers = handlers;
@@ -431,6 +451,9 @@ export class NudgeClient {
     this._ws = null;
     this._authed = false;
     this._authRef = null;
+    // Events held for a resume that never completed are not delivered: they are > lastSeq, so the next
+    // connection's resume replays them, in order.
+    this._buffer = null;
     if (ws) {
       const handlers = ws._nudgeHandlers;
       if (handlers) for (const [name, fn] of Object.entries(handlers)) ws.removeEventListener(name, fn);
@@ -652,7 +675,23 @@ export class NudgeClient {
   }
 
   _onEvent(frame) {
-    const event = { type: 'event', id: frame.id, topic: frame.topic, kind: frame.kind, at: frame.at, data: frame.data ?? {} };
+    // `seq` is absent only from servers older than `resume`: then there is no position and reconnects refetch.
+    const seq = Number.isSafeInteger(frame.seq) ? { seq: frame.seq } : {};
+    const event = { type: 'event', id: frame.id, ...seq, topic: frame.topic, kind: frame.kind, at: frame.at, data: frame.data ?? {} };
+    if (this._buffer) {
+      this._buffer.push(event);
+      return;
+    }
+    this._deliver(event);
+  }
+
+  /** Hand one event to the application, at most once per seq. */
+  _deliver(event) {
+    if (event.seq !== undefined) {
+      // Defensive: the server promises no duplicates across a resume; never hand the app a seq twice anyway.
+      if (this._lastSeq !== null && event.seq <= this._lastSeq) return;
+      this._lastSeq = event.seq;
+    }
     this._emit('event', event);
     const entry = this._topics.get(event.topic);
     if (entry) {
@@ -669,7 +708,13 @@ export class NudgeClient {
     this._user = frame.user;
     this._expiresAt = frame.expires_at;
     this._scheduleRefresh();
-    // Restore every wanted topic, then tell the app: from here on it misses nothing.
+    const reconnect = this._everReady;
+    // On a reconnect, resume from the last seq: hold every event of this connection back until the `resumed`
+    // reply, since live events may arrive (personal ones right after auth) before the older, replayed ones.
+    const since = reconnect && this._opts.resume ? this._lastSeq : null;
+    if (since !== null) this._buffer = [];
+    if (reconnect && !this._opts.resume) this._lastSeq = null; // no resume: this connection starts a new stream
+    // Restore every wanted topic, then resume, then tell the app: from here on it misses nothing.
     const restores = [...this._topics].map(([topic, entry]) => this._sendSubscribe(topic, entry));
     if (this._wakeupWanted) {
       this._wakeupWanted = false;
@@ -677,17 +722,91 @@ export class NudgeClient {
     }
     await Promise.all(restores);
     if (generation !== this._generation) return;
+
+    // What the app must know about the time it was away (only meaningful on a reconnect).
+    const outcome = { resumed: false, complete: false, refetch: true, replayed: 0 };
+    let refetch = null;
+    if (!reconnect) {
+      // The first connection: the app fetches its initial state anyway.
+    } else if (!this._opts.resume) {
+      refetch = { reason: 'disabled', since: null };
+    } else if (since === null) {
+      refetch = { reason: 'no_position', since: null };
+    } else {
+      const result = await this._resume(since, generation);
+      if (result === null || generation !== this._generation) return; // connection lost or abandoned: next one resumes
+      const { reply } = result;
+      // `until` at or below `since` and incomplete: `since` is beyond anything this database handed out (it was
+      // replaced or reset). Our position means nothing here: forget it, so the new database's events (lower
+      // seqs) are not taken for duplicates, and the next reconnect does not resume from it again.
+      const foreign = reply && reply.complete !== true && !(reply.until > since);
+      if (foreign) this._lastSeq = null;
+      if (!this._flushBuffer(generation)) return;
+      if (result.error) {
+        refetch = { reason: 'resume_failed', since, error: result.error };
+      } else {
+        outcome.resumed = true;
+        outcome.replayed = Number.isSafeInteger(reply.replayed) ? reply.replayed : 0;
+        outcome.complete = reply.complete === true;
+        outcome.refetch = !outcome.complete;
+        // The server sends nothing at or below `until` any more: that is our position now.
+        if (!foreign && Number.isSafeInteger(reply.until) && (this._lastSeq === null || reply.until > this._lastSeq)) {
+          this._lastSeq = reply.until;
+        }
+        if (!outcome.complete) refetch = { reason: 'incomplete', since, until: reply.until };
+      }
+    }
+
     this._clearTimer('connect');
     this._state = 'ready';
     this._failures = 0;
-    const reconnect = this._everReady;
     this._everReady = true;
     const info = { user: this._user, expiresAt: this._expiresAt };
     const waiters = this._readyWaiters;
     this._readyWaiters = [];
     for (const w of waiters) w.resolve(info);
     this._emit('ready', { ...info, reconnect });
-    if (reconnect) this._emit('reconnected', info);
+    if (!reconnect || generation !== this._generation) return;
+    this._emit('reconnected', { ...info, ...outcome });
+    if (refetch && generation === this._generation) this._emit('refetch', refetch);
+  }
+
+  /**
+   * Send `resume` on the current socket. Resolves with {reply} or {error} (the server refused it), or null when
+   * the connection was lost or abandoned meanwhile (the next connection resumes from the same position).
+   */
+  async _resume(since, generation) {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return { reply: await this._request({ type: 'resume', since }) };
+      } catch (error) {
+        if (generation !== this._generation || error.code === 'disconnected') return null;
+        if (error.code === 'rate_limited' && attempt < 5) {
+          // Restoring many topics can use up the server's per-connection message rate: pace and retry.
+          await new Promise((resolve) => later(resolve, 250 + Math.random() * 1000));
+          if (generation !== this._generation) return null;
+          continue;
+        }
+        if (error.code === 'timeout') {
+          // Unknown whether the server replayed: give this connection up rather than guess; retry from lastSeq.
+          this._lost(CLOSE_CLIENT_TIMEOUT, `no reply to resume within ${this._opts.requestTimeoutMs} ms`, true);
+          return null;
+        }
+        return { error };
+      }
+    }
+  }
+
+  /** Deliver the events held during a resume, in seq order. False if a handler closed the connection meanwhile. */
+  _flushBuffer(generation) {
+    const held = this._buffer ?? [];
+    this._buffer = null;
+    held.sort((a, b) => (a.seq ?? Infinity) - (b.seq ?? Infinity)); // stable: no-seq events keep arrival order
+    for (const event of held) {
+      if (generation !== this._generation) return false;
+      this._deliver(event);
+    }
+    return generation === this._generation;
   }
 
   /** Subscribe `topic` on the current socket; settles the topic's waiters. Never rejects. */

@@ -48,7 +48,11 @@ test('authenticates with the first message, subscribes and receives a topic even
   await withTimeout(sub.ready, 5_000, 'subscribed');
   const id = await publish(pg.url, { topic: 'post:1', kind: 'comment.created', data: { comment_id: 991 } });
   const event = await events.take({ what: 'the post:1 event' });
-  assert.deepEqual({ ...event, at: undefined }, { type: 'event', id, topic: 'post:1', kind: 'comment.created', at: undefined, data: { comment_id: 991 } });
+  assert.ok(Number.isSafeInteger(event.seq) && event.seq > 0, 'events carry their seq');
+  assert.deepEqual(
+    { ...event, at: undefined },
+    { type: 'event', id, seq: event.seq, topic: 'post:1', kind: 'comment.created', at: undefined, data: { comment_id: 991 } },
+  );
   assert.match(event.at, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
 
   // The protocol log: auth went out first (token redacted), the reply and the event came in.
