@@ -6,7 +6,7 @@
 //! always unregisters from the hub on the way out.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -47,8 +47,6 @@ pub struct Shared {
     pub limits: ConnectionLimits,
     /// For `resume` replays.
     pub pool: Pool,
-    /// The node's delivery cursor: everything up to it has been routed to the live queues.
-    pub cursor: Arc<AtomicI64>,
 }
 
 impl Shared {
@@ -379,7 +377,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 .await;
         }
         session.resumed = true;
-        let Some(cursor) = started_cursor(self.shared.cursor.clone()).await else {
+        let Some(cursor) = started_cursor(self.shared.hub.clone()).await else {
             // The node has not read its starting position yet (the database is away): we cannot know what was
             // missed, and saying so makes the client refetch, which is always correct.
             return written(
@@ -443,10 +441,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 }
 
 /// The node cursor, once the node has read its starting position; waits a little for a node that just started.
-async fn started_cursor(cursor: Arc<AtomicI64>) -> Option<i64> {
+async fn started_cursor(hub: Arc<Hub>) -> Option<i64> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let value = cursor.load(Ordering::SeqCst);
+        let value = hub.cursor();
         if value >= 0 {
             return Some(value);
         }

@@ -6,7 +6,7 @@
 //! connection closes itself with 1013 once it has written what is already queued.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
@@ -31,10 +31,19 @@ pub struct Frame {
     pub text: Utf8Bytes,
 }
 
-#[derive(Default)]
 pub struct Hub {
     maps: RwLock<Maps>,
     next_id: AtomicU64,
+    /// The node's delivery cursor: the highest seq routed, -1 until the node read its starting position. It is
+    /// advanced while the maps' read lock is still held, so a connection that subscribes (write lock) afterwards
+    /// and asks to `resume` is told to replay that batch: no event falls between replay and live stream.
+    cursor: AtomicI64,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub { maps: RwLock::default(), next_id: AtomicU64::new(0), cursor: AtomicI64::new(-1) }
+    }
 }
 
 #[derive(Default)]
@@ -135,6 +144,9 @@ impl Hub {
                     None => maps.by_topic.get(event.topic.as_str()).into_iter().flatten().for_each(&mut push),
                 }
             }
+            if let Some(last) = events.last() {
+                self.cursor.store(last.seq, Ordering::SeqCst);
+            }
         }
         if !blocked.is_empty() {
             let deadline = tokio::time::Instant::now() + OVERFLOW_GRACE;
@@ -168,6 +180,16 @@ impl Hub {
         metrics.delivered.fetch_add(routed.delivered, Ordering::Relaxed);
         metrics.overflowed.fetch_add(routed.overflowed, Ordering::Relaxed);
         routed
+    }
+
+    /// The highest seq routed on this node (-1 before `start_at`).
+    pub fn cursor(&self) -> i64 {
+        self.cursor.load(Ordering::SeqCst)
+    }
+
+    /// Where a starting node begins: it delivers what is claimed after this seq.
+    pub fn start_at(&self, seq: i64) {
+        self.cursor.store(seq, Ordering::SeqCst);
     }
 
     pub fn connections(&self) -> usize {

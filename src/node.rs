@@ -5,7 +5,6 @@
 //! every connection with 1001, let the claim pass in progress finish, bounded by `SHUTDOWN_GRACE`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,8 +63,6 @@ pub async fn run(
     let hub = Arc::new(Hub::new());
     let claims = Arc::new(Wakeups::default());
     let deliveries = Arc::new(Wakeups::default());
-    // -1 until `start_cursor` has read the last seq: `resume` waits for it.
-    let cursor = Arc::new(AtomicI64::new(-1));
     let metrics = Arc::new(Metrics::default());
     let readiness = Arc::new(Readiness::default());
     let shared = Arc::new(Shared {
@@ -75,7 +72,6 @@ pub async fn run(
         metrics: metrics.clone(),
         limits,
         pool: pool.clone(),
-        cursor: cursor.clone(),
     });
     let slots = Arc::new(Semaphore::new(max_connections));
     let server = Arc::new(http::Server {
@@ -87,7 +83,7 @@ pub async fn run(
         max_connections,
         shutdown: shutdown.clone(),
     });
-    let relay = Arc::new(Relay { pool, hub, claims, deliveries, cursor, metrics, readiness, settings: relay });
+    let relay = Arc::new(Relay { pool, hub, claims, deliveries, metrics, readiness, settings: relay });
 
     let scheme = if tls.is_some() { "https/wss" } else { "http/ws" };
     let http_task = tokio::spawn(http::serve(listener, server, tls, extra_routes));

@@ -10,7 +10,7 @@
 //! Invariants: one pass of each loop at a time per node; the hub sees events in seq order, so every connection
 //! receives them in that order, exactly once, on every node.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,8 +32,6 @@ pub struct Relay {
     pub claims: Arc<Wakeups>,
     /// "Rows may be claimed past our cursor": NOTIFY nudge_claimed, our own claims, poll, LISTEN (re)connect.
     pub deliveries: Arc<Wakeups>,
-    /// The highest seq routed to this node's connections; `resume` replays up to here. -1 until started.
-    pub cursor: Arc<AtomicI64>,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     pub settings: RelaySettings,
@@ -99,14 +97,18 @@ impl Relay {
     /// Route claimed rows past the cursor, batch by batch, advancing the cursor after each.
     async fn delivery_pass(&self) -> Result<(), events::QueryError> {
         loop {
-            let cursor = self.cursor.load(Ordering::SeqCst);
-            let batch = events::read_after(&self.pool, cursor, self.settings.claim_batch).await?;
-            let Some(last) = batch.last() else { return Ok(()) };
-            let last_seq = last.seq;
+            let batch = events::read_after(&self.pool, self.hub.cursor(), self.settings.claim_batch).await?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            // Routing advances the hub's cursor to the batch's last seq.
             let routed = self.hub.route(&batch, &self.metrics).await;
-            // Only after routing: `resume` replays up to the cursor, the live stream carries what is past it.
-            self.cursor.store(last_seq, Ordering::SeqCst);
-            tracing::debug!(events = batch.len(), delivered = routed.delivered, cursor = last_seq, "delivered batch");
+            tracing::debug!(
+                events = batch.len(),
+                delivered = routed.delivered,
+                cursor = self.hub.cursor(),
+                "delivered batch"
+            );
             if (batch.len() as i64) < self.settings.claim_batch {
                 return Ok(());
             }
@@ -119,7 +121,7 @@ impl Relay {
         loop {
             match events::last_seq(&self.pool).await {
                 Ok(last) => {
-                    self.cursor.store(last, Ordering::SeqCst);
+                    self.hub.start_at(last);
                     return true;
                 }
                 Err(e) => self.readiness.set_error(e.to_string()),
@@ -186,8 +188,7 @@ impl Relay {
                 }
             }
             let connections = i32::try_from(self.hub.connections()).unwrap_or(i32::MAX);
-            let cursor = self.cursor.load(Ordering::SeqCst);
-            if let Err(e) = nodes::heartbeat(&self.pool, node_id, address, connections, cursor).await {
+            if let Err(e) = nodes::heartbeat(&self.pool, node_id, address, connections, self.hub.cursor()).await {
                 tracing::debug!("heartbeat failed: {e}");
             }
         }
