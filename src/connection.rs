@@ -14,7 +14,6 @@ use deadpool_postgres::Pool;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
@@ -26,6 +25,7 @@ use crate::config::ConnectionLimits;
 use crate::db::events;
 use crate::health::Metrics;
 use crate::hub::{ConnId, Frame, Hub};
+use crate::outbox::Outbox;
 use crate::protocol::{self, ErrorCode, Reply, Request};
 use crate::shutdown::Shutdown;
 use crate::wake::Wakeups;
@@ -51,10 +51,11 @@ pub struct Shared {
 
 impl Shared {
     /// Buffers sized for hints, not for tungstenite's 128 KiB default: memory per idle connection is what
-    /// bounds how many one node holds.
+    /// bounds how many one node holds. Client messages are small (a subscribe is ~50 bytes), so the read buffer
+    /// starts at 512 bytes; tungstenite grows it for a larger frame, up to the inbound limit.
     pub fn websocket_config(&self) -> WebSocketConfig {
         WebSocketConfig::default()
-            .read_buffer_size(4096)
+            .read_buffer_size(512)
             .write_buffer_size(0)
             .max_message_size(Some(self.limits.max_message_size))
             .max_frame_size(Some(self.limits.max_message_size))
@@ -65,8 +66,8 @@ impl Shared {
 struct Session {
     id: ConnId,
     identity: Identity,
-    /// Events routed to this connection; `None` from `recv` means the hub dropped us for overflowing.
-    outbox: mpsc::Receiver<Frame>,
+    /// Events routed to this connection; `None` from `pop` means the hub closed it: we did not read.
+    outbox: Arc<Outbox>,
     /// At most `max_subscriptions`, so a Vec and a linear search.
     topics: Vec<Box<str>>,
     /// Highest seq written to the socket; live frames at or below it were already sent by a `resume` replay.
@@ -131,7 +132,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         tokio::pin!(deadline);
         if let Some(identity) = identity {
             deadline.as_mut().reset(instant_of(identity.valid_until));
-            if let Err(e) = self.authenticate(identity, None).await {
+            if let Err(e) = Box::pin(self.authenticate(identity, None)).await {
                 return format!("write failed: {e}");
             }
         }
@@ -142,9 +143,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let step = tokio::select! {
                 biased;
                 _ = shutdown.triggered() => Step::Close { code: protocol::CLOSE_GOING_AWAY, reason: "server shutting down", error: None },
-                inbound = self.ws.next() => self.on_inbound(inbound, &mut deadline).await,
+                inbound = self.ws.next() => Box::pin(self.on_inbound(inbound, &mut deadline)).await,
                 frame = next_event(&mut self.session) => match frame {
-                    Some(frame) => self.write_events(frame).await,
+                    Some(frame) => Box::pin(self.write_events(frame)).await,
                     None => Step::Close { code: protocol::CLOSE_TOO_SLOW, reason: "outbound queue overflowed", error: None },
                 },
                 _ = &mut deadline => match &self.session {
@@ -163,7 +164,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     if self.last_heard.elapsed() > limits.ping_interval * 2 {
                         Step::Gone("peer silent for two ping intervals".into())
                     } else {
-                        match self.write(Message::Ping(Default::default())).await {
+                        match Box::pin(self.write(Message::Ping(Default::default()))).await {
                             Ok(()) => Step::Continue,
                             Err(e) => Step::Gone(format!("write failed: {e}")),
                         }
@@ -174,10 +175,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 Step::Continue => {}
                 Step::Gone(reason) => return reason,
                 Step::Close { code, reason, error } => {
-                    if let Some((code, message, reference)) = error {
-                        let _ = self.reply(Reply::Error { code, message: &message }, reference.as_ref()).await;
-                    }
-                    self.close(code, reason).await;
+                    // Boxed, like other rare paths: what the idle connection future does not hold costs nothing.
+                    Box::pin(async {
+                        if let Some((code, message, reference)) = error {
+                            let _ = self.reply(Reply::Error { code, message: &message }, reference.as_ref()).await;
+                        }
+                        self.close(code, reason).await;
+                    })
+                    .await;
                     return reason.to_owned();
                 }
             }
@@ -225,7 +230,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             return self.error(ErrorCode::RateLimited, self.rate.message(), reference).await;
         }
         match protocol::parse(&text) {
-            Ok(inbound) => self.on_request(inbound.request, inbound.reference, deadline).await,
+            // Boxed: requests are rare (rate-limited) and their states would otherwise sit in every idle
+            // connection future.
+            Ok(inbound) => Box::pin(self.on_request(inbound.request, inbound.reference, deadline)).await,
             Err(bad) => self.error(ErrorCode::BadRequest, bad.message, bad.reference).await,
         }
     }
@@ -286,7 +293,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 Step::Continue
             }
             Request::Ping => written(self.reply(Reply::Pong, reference).await),
-            Request::Resume { since } => self.resume(since, reference).await,
+            // Boxed: the replay query makes this the largest state of the connection future, and it is rare.
+            Request::Resume { since } => Box::pin(self.resume(since, reference)).await,
             Request::Refresh { token } => {
                 let identity = match self.shared.authenticator.verify(&token) {
                     Ok(identity) if identity.user == session.identity.user => identity,
@@ -349,7 +357,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     written += 1;
                 }
                 if written < FRAMES_PER_FLUSH {
-                    next = session.outbox.try_recv().ok();
+                    next = session.outbox.try_pop();
                 }
             }
             self.ws.flush().await
@@ -474,7 +482,7 @@ fn unauthorized(message: String, reference: Option<&Value>) -> Step {
 /// The next queued event, or pending forever before authentication.
 async fn next_event(session: &mut Option<Session>) -> Option<Frame> {
     match session {
-        Some(session) => session.outbox.recv().await,
+        Some(session) => session.outbox.pop().await,
         None => std::future::pending().await,
     }
 }
@@ -510,5 +518,56 @@ impl RateLimit {
 
     fn message(&self) -> String {
         format!("more than {} messages per second; this one was dropped", self.rate)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{JwtAlgorithm, JwtKey, JwtSettings};
+
+    /// The connection task's future is allocated once per connection and lives as long as the socket: its size
+    /// is a direct part of the memory per idle connection.
+    #[tokio::test]
+    async fn the_connection_future_stays_small() {
+        let authenticator = Authenticator::new(JwtSettings {
+            algorithm: JwtAlgorithm::Hs256,
+            key: JwtKey::Secret("0123456789abcdef0123456789abcdef".into()),
+            audience: None,
+            issuer: None,
+            leeway: Duration::ZERO,
+        })
+        .expect("settings");
+        let config: tokio_postgres::Config = "host=127.0.0.1 user=x dbname=x".parse().expect("config");
+        let shared = Arc::new(Shared {
+            hub: Arc::new(Hub::new()),
+            wakeups: Arc::default(),
+            authenticator: Arc::new(authenticator),
+            metrics: Arc::default(),
+            limits: ConnectionLimits {
+                auth_timeout: Duration::from_secs(10),
+                max_message_size: 4096,
+                max_subscriptions: 100,
+                outbound_queue: 256,
+                client_rate: 50,
+                ping_interval: Duration::from_secs(30),
+            },
+            pool: crate::db::pool(&config, 1).expect("pool"),
+        });
+        let (io, _peer) = tokio::io::duplex(64);
+        let ws =
+            WebSocketStream::from_raw_socket(io, tokio_tungstenite::tungstenite::protocol::Role::Server, None).await;
+        let (_trigger, shutdown) = crate::shutdown::channel();
+        let future = serve(ws, shared, None, "127.0.0.1:1".parse().expect("addr"), shutdown);
+        let size = std::mem::size_of_val(&future);
+        eprintln!(
+            "connection future: {size} bytes; WebSocketStream {} Session {} Sleep {} Interval {} Shutdown {}",
+            std::mem::size_of::<WebSocketStream<tokio::io::DuplexStream>>(),
+            std::mem::size_of::<Session>(),
+            std::mem::size_of::<tokio::time::Sleep>(),
+            std::mem::size_of::<tokio::time::Interval>(),
+            std::mem::size_of::<Shutdown>(),
+        );
+        assert!(size < 4096, "connection future is {size} bytes");
     }
 }

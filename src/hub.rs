@@ -1,20 +1,20 @@
 //! The hub: who is online on this node, by user and by topic, and the routing of claimed events to them.
 //!
 //! Each authenticated connection registers an `Outbox` (a bounded queue). Routing never blocks and never waits
-//! for a socket: it serializes each event once and `try_send`s the shared frame into every matching outbox. A
-//! full outbox means the client is not reading; the hub unregisters it, which drops the queue's sender, and the
-//! connection closes itself with 1013 once it has written what is already queued.
+//! for a socket: it serializes each event once and pushes the shared frame into every matching `Outbox`. An
+//! outbox that stays full means the client is not reading; the hub unregisters and closes it, and the connection
+//! closes itself with 1013 once it has written what is already queued.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::db::events::Event;
 use crate::health::Metrics;
+use crate::outbox::{Outbox, PushError};
 use crate::protocol::EventFrame;
 
 /// How long routing waits for a full outbox to make room before it decides the client is not reading.
@@ -25,7 +25,7 @@ pub type ConnId = u64;
 
 /// A serialized event, cheap to clone: every recipient of an event shares one allocation. The seq travels with
 /// it so a connection can drop what a `resume` replay already sent.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     pub seq: i64,
     pub text: Utf8Bytes,
@@ -48,7 +48,7 @@ impl Default for Hub {
 
 #[derive(Default)]
 struct Maps {
-    outboxes: HashMap<ConnId, mpsc::Sender<Frame>>,
+    outboxes: HashMap<ConnId, Arc<Outbox>>,
     /// A user's connections: tabs and devices, usually a handful, so a Vec beats a set.
     by_user: HashMap<Arc<str>, Vec<ConnId>>,
     /// A topic's subscribers: possibly thousands, removed one by one, so a set.
@@ -69,13 +69,13 @@ impl Hub {
     }
 
     /// Register an authenticated connection of `user`; its events arrive on the returned receiver.
-    pub fn register(&self, user: &Arc<str>, queue: usize) -> (ConnId, mpsc::Receiver<Frame>) {
+    pub fn register(&self, user: &Arc<str>, queue: usize) -> (ConnId, Arc<Outbox>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(queue);
+        let outbox = Arc::new(Outbox::new(queue));
         let mut maps = self.write();
-        maps.outboxes.insert(id, tx);
+        maps.outboxes.insert(id, outbox.clone());
         maps.by_user.entry(user.clone()).or_default().push(id);
-        (id, rx)
+        (id, outbox)
     }
 
     /// Remove a connection and all its subscriptions. Idempotent.
@@ -106,7 +106,7 @@ impl Hub {
 
     /// Route one claimed batch, in order. Called by the relay after the claim transaction committed.
     ///
-    /// Frames go into outboxes with `try_send` under the read lock. A connection whose outbox is full is not
+    /// Frames go into outboxes with `try_push` under the read lock. A connection whose outbox is full is not
     /// dropped at once: a claim batch can hold more events for one connection than its queue, and a client
     /// reading at full speed must not be punished for that. Its remaining frames of this batch are kept in
     /// order and sent after the lock is released, waiting for room for at most `OVERFLOW_GRACE`; a connection
@@ -114,7 +114,7 @@ impl Hub {
     pub async fn route(&self, events: &[Event], metrics: &Metrics) -> Routed {
         let mut routed = Routed::default();
         // Connections that were full at some point in this batch, with the frames they still have to get.
-        let mut blocked: HashMap<ConnId, (mpsc::Sender<Frame>, Vec<Frame>)> = HashMap::new();
+        let mut blocked: HashMap<ConnId, (Arc<Outbox>, Vec<Frame>)> = HashMap::new();
         {
             let maps = self.read();
             for event in events {
@@ -125,14 +125,14 @@ impl Hub {
                         waiting.push(frame.clone());
                         return;
                     }
-                    let Some(tx) = maps.outboxes.get(id) else { return };
-                    match tx.try_send(frame.clone()) {
+                    let Some(outbox) = maps.outboxes.get(id) else { return };
+                    match outbox.try_push(frame.clone()) {
                         Ok(()) => routed.delivered += 1,
-                        Err(mpsc::error::TrySendError::Full(frame)) => {
-                            blocked.insert(*id, (tx.clone(), vec![frame]));
+                        Err(PushError::Full(frame)) => {
+                            blocked.insert(*id, (outbox.clone(), vec![frame]));
                         }
                         // The connection is on its way out.
-                        Err(mpsc::error::TrySendError::Closed(_)) => {}
+                        Err(PushError::Closed) => {}
                     }
                 };
                 match &event.recipients {
@@ -150,13 +150,13 @@ impl Hub {
         }
         if !blocked.is_empty() {
             let deadline = tokio::time::Instant::now() + OVERFLOW_GRACE;
-            let waits = blocked.into_iter().map(|(id, (tx, frames))| async move {
+            let waits = blocked.into_iter().map(|(id, (outbox, frames))| async move {
                 let mut sent = 0u64;
                 for frame in frames {
-                    match tokio::time::timeout_at(deadline, tx.send(frame)).await {
-                        Ok(Ok(())) => sent += 1,
-                        Ok(Err(_closed)) => return (id, sent, false),
-                        Err(_elapsed) => return (id, sent, true),
+                    match outbox.push_until(frame, deadline).await {
+                        Ok(()) => sent += 1,
+                        Err(PushError::Closed) => return (id, sent, false),
+                        Err(PushError::Full(_)) => return (id, sent, true),
                     }
                 }
                 (id, sent, false)
@@ -171,8 +171,10 @@ impl Hub {
             if !overflowed.is_empty() {
                 let mut maps = self.write();
                 for id in &overflowed {
-                    // Dropping the sender is the signal: the connection drains its queue, then closes with 1013.
-                    maps.outboxes.remove(id);
+                    // Closing is the signal: the connection drains its queue, then closes with 1013.
+                    if let Some(outbox) = maps.outboxes.remove(id) {
+                        outbox.close();
+                    }
                 }
                 routed.overflowed = overflowed.len() as u64;
             }
@@ -256,18 +258,18 @@ mod tests {
         let metrics = Metrics::default();
         let alice: Arc<str> = "alice".into();
         let bob: Arc<str> = "bob".into();
-        let (a1, mut rx_a1) = hub.register(&alice, 8);
-        let (_a2, mut rx_a2) = hub.register(&alice, 8);
-        let (b1, mut rx_b1) = hub.register(&bob, 8);
+        let (a1, rx_a1) = hub.register(&alice, 8);
+        let (_a2, rx_a2) = hub.register(&alice, 8);
+        let (b1, rx_b1) = hub.register(&bob, 8);
         hub.subscribe(b1, "post:1");
         hub.subscribe(a1, "post:2");
 
         let routed = hub.route(&[event(1, "x", Some(&["alice"])), event(2, "post:1", None)], &metrics).await;
         assert_eq!(routed, Routed { delivered: 3, overflowed: 0 });
-        assert!(rx_a1.try_recv().expect("a1").text.contains("\"id\":1"));
-        assert!(rx_a2.try_recv().expect("a2").text.contains("\"id\":1"));
-        assert!(rx_b1.try_recv().expect("b1").text.contains("\"id\":2"));
-        assert!(rx_a1.try_recv().is_err());
+        assert!(rx_a1.try_pop().expect("a1").text.contains("\"id\":1"));
+        assert!(rx_a2.try_pop().expect("a2").text.contains("\"id\":1"));
+        assert!(rx_b1.try_pop().expect("b1").text.contains("\"id\":2"));
+        assert!(rx_a1.try_pop().is_none());
 
         hub.unregister(a1, "alice", ["post:2"]);
         assert_eq!(hub.route(&[event(3, "post:2", None)], &metrics).await.delivered, 0);
@@ -278,14 +280,14 @@ mod tests {
         let hub = Hub::new();
         let metrics = Metrics::default();
         let user: Arc<str> = "u".into();
-        let (_id, mut rx) = hub.register(&user, 2);
+        let (_id, rx) = hub.register(&user, 2);
         let events: Vec<_> = (1..=3).map(|i| event(i, "t", Some(&["u"]))).collect();
         // Nobody reads: after the grace period the connection is dropped, with the queue still at its cap.
         assert_eq!(hub.route(&events, &metrics).await, Routed { delivered: 2, overflowed: 1 });
-        assert!(rx.try_recv().is_ok());
-        assert!(rx.try_recv().is_ok());
-        // Sender gone: the connection sees the end of its queue and closes with 1013.
-        assert!(matches!(rx.try_recv(), Err(mpsc::error::TryRecvError::Disconnected)));
+        assert!(rx.try_pop().is_some());
+        assert!(rx.try_pop().is_some());
+        // Closed: the connection sees the end of its queue and closes with 1013.
+        assert!(rx.pop().await.is_none());
     }
 
     #[tokio::test]
@@ -293,11 +295,11 @@ mod tests {
         let hub = Arc::new(Hub::new());
         let metrics = Metrics::default();
         let user: Arc<str> = "u".into();
-        let (_id, mut rx) = hub.register(&user, 4);
+        let (_id, rx) = hub.register(&user, 4);
         let reader = tokio::spawn(async move {
             let mut ids = Vec::new();
             while ids.len() < 100 {
-                let Some(frame) = rx.recv().await else { break };
+                let Some(frame) = rx.pop().await else { break };
                 let value: serde_json::Value = serde_json::from_str(&frame.text).expect("json");
                 ids.push(value["id"].as_i64().expect("id"));
             }

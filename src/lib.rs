@@ -16,6 +16,7 @@ pub mod health;
 pub mod http;
 pub mod hub;
 pub mod node;
+pub mod outbox;
 pub mod protocol;
 pub mod relay;
 pub mod shutdown;
