@@ -83,7 +83,16 @@ pub async fn run(
         max_connections,
         shutdown: shutdown.clone(),
     });
-    let relay = Arc::new(Relay { pool, hub, claims, deliveries, metrics, readiness, settings: relay });
+    let relay = Arc::new(Relay {
+        pool,
+        hub,
+        claims,
+        deliveries,
+        fresh: Default::default(),
+        metrics,
+        readiness,
+        settings: relay,
+    });
 
     let scheme = if tls.is_some() { "https/wss" } else { "http/ws" };
     let http_task = tokio::spawn(http::serve(listener, server, tls, extra_routes));

@@ -11,7 +11,7 @@
 //! receives them in that order, exactly once, on every node.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
@@ -32,6 +32,8 @@ pub struct Relay {
     pub claims: Arc<Wakeups>,
     /// "Rows may be claimed past our cursor": NOTIFY nudge_claimed, our own claims, poll, LISTEN (re)connect.
     pub deliveries: Arc<Wakeups>,
+    /// Batches this node claimed, in claim order, waiting for the delivery loop (which alone routes).
+    pub fresh: Mutex<Vec<Vec<events::Event>>>,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     pub settings: RelaySettings,
@@ -83,9 +85,16 @@ impl Relay {
             let claimed = events::claim_batch(&self.pool, self.settings.claim_batch, self.settings.max_age).await?;
             self.metrics.claimed.fetch_add(claimed.claimed as u64, Ordering::Relaxed);
             self.metrics.expired.fetch_add(claimed.expired as u64, Ordering::Relaxed);
-            if let Some(last_seq) = claimed.last_seq {
-                tracing::debug!(claimed = claimed.claimed, expired = claimed.expired, last_seq, "claimed batch");
-                // Committed: our reader need not wait for the NOTIFY to come back around.
+            if let Some(last) = claimed.events.last() {
+                tracing::debug!(
+                    claimed = claimed.claimed,
+                    expired = claimed.expired,
+                    last_seq = last.seq,
+                    "claimed batch"
+                );
+                // Committed: hand the rows to our own delivery loop, which routes them without reading them back
+                // when they continue its cursor. Other nodes read them after the NOTIFY.
+                self.fresh.lock().unwrap_or_else(|e| e.into_inner()).push(claimed.events);
                 self.deliveries.wake();
             }
             if (claimed.claimed as i64) < self.settings.claim_batch {
@@ -96,6 +105,14 @@ impl Relay {
 
     /// Route claimed rows past the cursor, batch by batch, advancing the cursor after each.
     async fn delivery_pass(&self) -> Result<(), events::QueryError> {
+        // Our own claims first: a batch that starts right after the cursor needs no read (the common case on a
+        // single node, and the lowest latency). Any other batch is dropped: the read below finds its rows.
+        let fresh = std::mem::take(&mut *self.fresh.lock().unwrap_or_else(|e| e.into_inner()));
+        for batch in fresh {
+            if batch.first().map(|e| e.seq) == Some(self.hub.cursor() + 1) {
+                self.hub.route(&batch, &self.metrics).await;
+            }
+        }
         loop {
             let batch = events::read_after(&self.pool, self.hub.cursor(), self.settings.claim_batch).await?;
             if batch.is_empty() {

@@ -32,14 +32,14 @@ pub struct Event {
 }
 
 /// What one claim statement did.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Claimed {
     /// Rows claimed, expired ones included: fewer than the limit means nothing was left.
     pub claimed: usize,
     /// Rows older than the max age: marked processed, given no seq, never delivered.
     pub expired: usize,
-    /// The highest seq handed out, when any row was deliverable.
-    pub last_seq: Option<i64>,
+    /// The deliverable rows, in seq order: consecutive seqs, since one claim takes one block of numbers.
+    pub events: Vec<Event>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,18 +75,18 @@ UPDATE nudge.events e
 SET processed_at = now(), seq = (SELECT base FROM counter) + live.n
 FROM next LEFT JOIN live USING (id)
 WHERE e.id = next.id
-RETURNING e.seq
+RETURNING e.seq, e.id, e.topic, e.kind,
+    to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'), e.recipients, e.data::text
 "#;
 
 pub async fn claim_batch(pool: &Pool, limit: i64, max_age: Duration) -> Result<Claimed, QueryError> {
     let client = pool.get().await?;
     let rows = client.query_typed(CLAIM, &[(&limit, Type::INT8), (&max_age.as_secs_f64(), Type::FLOAT8)]).await?;
-    let seqs: Vec<Option<i64>> = rows.iter().map(|row| row.get(0)).collect();
-    Ok(Claimed {
-        claimed: seqs.len(),
-        expired: seqs.iter().filter(|s| s.is_none()).count(),
-        last_seq: seqs.iter().flatten().max().copied(),
-    })
+    let claimed = rows.len();
+    let live: Vec<&Row> = rows.iter().filter(|row| row.get::<_, Option<i64>>(0).is_some()).collect();
+    let mut events = live.into_iter().map(event).collect::<Result<Vec<_>, _>>()?;
+    events.sort_unstable_by_key(|e| e.seq);
+    Ok(Claimed { claimed, expired: claimed - events.len(), events })
 }
 
 const COLUMNS: &str = r#"seq, id, topic, kind,
