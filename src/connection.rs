@@ -72,10 +72,21 @@ struct Session {
     topics: Vec<Box<str>>,
     /// Highest seq written to the socket; live frames at or below it were already sent by a `resume` replay.
     last_sent_seq: i64,
-    /// Seq of the first live event written: a `resume` replays only what came before it.
-    first_live_seq: Option<i64>,
+    /// Live events written before a `resume` (it comes right after subscribing, so these are few): the replay
+    /// leaves them out. Dropped after `SENT_BEFORE_RESUME` entries, to keep long-lived connections small.
+    sent_before_resume: SentBeforeResume,
     resumed: bool,
 }
+
+/// What a connection remembers of its live events until it resumes.
+enum SentBeforeResume {
+    Seqs(Vec<i64>),
+    /// More than `SENT_BEFORE_RESUME` were sent: a later `resume` cannot tell which events it would repeat.
+    TooMany,
+}
+
+/// Live events remembered per connection for a later `resume`.
+const SENT_BEFORE_RESUME: usize = 64;
 
 /// How the loop goes on after one step.
 enum Step {
@@ -336,7 +347,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             outbox,
             topics: Vec::new(),
             last_sent_seq: 0,
-            first_live_seq: None,
+            sent_before_resume: SentBeforeResume::Seqs(Vec::new()),
             resumed: false,
         });
         self.write(Message::Text(ready.into())).await
@@ -351,7 +362,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             while let Some(frame) = next.take() {
                 // At or below last_sent_seq: a resume replay already wrote it.
                 if frame.seq > session.last_sent_seq {
-                    session.first_live_seq.get_or_insert(frame.seq);
+                    if let (false, SentBeforeResume::Seqs(seqs)) = (session.resumed, &mut session.sent_before_resume) {
+                        if seqs.len() < SENT_BEFORE_RESUME {
+                            seqs.push(frame.seq);
+                        } else {
+                            session.sent_before_resume = SentBeforeResume::TooMany;
+                        }
+                    }
                     session.last_sent_seq = frame.seq;
                     self.ws.feed(Message::Text(frame.text)).await?;
                     written += 1;
@@ -393,20 +410,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             );
         };
         let Some(session) = &mut self.session else { return Step::Continue };
-        // Everything up to the cursor is in the live queues already; live events this connection got are newer.
-        let until = session.first_live_seq.map_or(cursor, |first| cursor.min(first - 1));
+        // Everything up to the cursor has been routed: what matched this connection then is queued or written.
+        // The replay covers (since, cursor] except the live events already written; queued ones are skipped
+        // below (at or below `until`). A connection that wrote too many live events to remember them cannot know
+        // what a replay would repeat: it replays nothing and says so (`complete: false`, the client refetches).
+        let (until, already_sent, known) =
+            match std::mem::replace(&mut session.sent_before_resume, SentBeforeResume::TooMany) {
+                SentBeforeResume::Seqs(seqs) => (cursor, seqs, true),
+                SentBeforeResume::TooMany => (since, Vec::new(), false),
+            };
         let topics: Vec<&str> = session.topics.iter().map(|t| &**t).collect();
         let user = session.identity.user.clone();
         let replay = events::replay(&self.shared.pool, &user, &topics, since, until, RESUME_LIMIT).await;
         drop(topics);
-        let (events, complete, skip_through) = match replay {
-            Ok(replay) => (replay.events, replay.complete, replay.skip_through),
+        let (mut events, complete, skip_through) = match replay {
+            Ok(replay) => (replay.events, replay.complete && known, replay.skip_through),
             Err(e) => {
                 // Unknown is incomplete: the client refetches, which is always correct.
                 tracing::warn!(user = %user, "resume replay failed: {e}");
                 (Vec::new(), false, until)
             }
         };
+        events.retain(|event| !already_sent.contains(&event.seq));
         let replayed = events.len();
         for event in &events {
             let frame = crate::hub::encode(event);

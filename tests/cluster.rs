@@ -1157,3 +1157,34 @@ async fn resume_while_a_batch_larger_than_a_queue_is_routed_misses_nothing() {
     eprintln!("late got {} events; first {:?} last {:?}; marker id {id}", got.len(), got.first(), got.last());
     assert_eq!(got.len(), 1001, "every event once: replayed or live, never both");
 }
+
+// A personal event written live before the connection subscribed once made `resume` replay only what preceded it,
+// losing the topic events routed between that personal event and the subscribe. Deterministic: the topic event is
+// routed (another subscriber got it) before `late` subscribes.
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_replays_topic_events_routed_before_the_subscribe_but_after_a_live_personal_event() {
+    let db = TestDb::new().await;
+    let pg = db.client().await;
+    let node = Nudge::start(&db.url, &[]).await;
+    let mut witness = authed(&node, "witness", &["t"]).await;
+    witness.subscribe("t").await;
+    let mut late = authed(&node, "late", &["t"]).await;
+
+    let personal = insert_personal(&pg, "inbox", "k", &["late"]).await;
+    let p = late.recv_type("event").await;
+    assert_eq!(p["id"], personal);
+    let p_seq = p["seq"].as_i64().unwrap();
+    let topic = insert_event(&pg, "t", "k", "{}").await;
+    let q = witness.recv_type("event").await;
+    assert_eq!(q["id"], topic, "routed before `late` subscribes");
+
+    late.subscribe("t").await;
+    // since = p - 1: the replay must also leave out the personal event already written live.
+    late.send_json(json!({"type": "resume", "since": p_seq - 1, "ref": "r"})).await;
+    let replayed = late.recv_json(SOON).await;
+    assert_eq!((replayed["type"].as_str(), replayed["id"].as_i64()), (Some("event"), Some(topic)), "{replayed}");
+    let resumed = late.recv_json(SOON).await;
+    assert_eq!(resumed["type"], "resumed", "{resumed}");
+    assert_eq!((resumed["replayed"].as_i64(), resumed["complete"].as_bool()), (Some(1), Some(true)), "{resumed}");
+    late.expect_silence(SILENCE).await;
+}
