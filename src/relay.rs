@@ -1,11 +1,12 @@
 //! The relay: two loops and the timers around them.
 //!
 //! - **Claims** (`run_claims`): woken by NOTIFY nudge (an INSERT), a client's `wakeup`, or the poll. One pass at
-//!   a time claims pending rows in batches and gives them a cluster-wide `seq` (see `db::events`). It delivers
-//!   nothing itself: the rows it claimed are now visible to every node's reader, its own included.
+//!   a time claims pending rows in batches and gives them a cluster-wide `seq` (see `db::events`). It routes
+//!   nothing itself: it hands its batches to this node's delivery loop, and every other node reads them.
 //! - **Deliveries** (`run_deliveries`): woken by NOTIFY nudge_claimed (any node's claim), this node's own claims,
-//!   or the poll. It reads claimed rows past this node's cursor, in seq order, routes them to this node's
-//!   connections, and advances the cursor. The cursor is the truth; notifications only wake.
+//!   or the poll. It routes this node's own fresh batches when they continue its cursor, otherwise reads claimed
+//!   rows past the cursor, in seq order; routing advances the cursor. The cursor is the truth; notifications only
+//!   wake.
 //!
 //! Invariants: one pass of each loop at a time per node; the hub sees events in seq order, so every connection
 //! receives them in that order, exactly once, on every node.
