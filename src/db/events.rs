@@ -103,6 +103,11 @@ pub async fn read_after(pool: &Pool, cursor: i64, limit: i64) -> Result<Vec<Even
 /// The highest seq handed out so far: where a starting node's cursor begins.
 pub async fn last_seq(pool: &Pool) -> Result<i64, QueryError> {
     let client = pool.get().await?;
+    Ok(read_last_seq(&client).await?)
+}
+
+/// `nudge.delivery.last_seq` on a given session (the pool's, or `nudge status`'s direct one).
+pub async fn read_last_seq(client: &tokio_postgres::Client) -> Result<i64, tokio_postgres::Error> {
     Ok(client.query_typed_one("SELECT last_seq FROM nudge.delivery", &[]).await?.get(0))
 }
 
@@ -128,7 +133,7 @@ pub async fn replay(
     let client = pool.get().await?;
     if since >= until {
         // Nothing to replay. A `since` beyond what the cluster ever handed out is another database's seq.
-        let last: i64 = client.query_typed_one("SELECT last_seq FROM nudge.delivery", &[]).await?.get(0);
+        let last = read_last_seq(&client).await?;
         let known = since <= last;
         return Ok(Replay { events: Vec::new(), complete: known, skip_through: if known { since } else { until } });
     }

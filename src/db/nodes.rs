@@ -60,7 +60,7 @@ pub struct ClusterStatus {
 }
 
 pub async fn status(client: &tokio_postgres::Client) -> Result<ClusterStatus, tokio_postgres::Error> {
-    let last_seq: i64 = client.query_typed_one("SELECT last_seq FROM nudge.delivery", &[]).await?.get(0);
+    let last_seq = super::events::read_last_seq(client).await?;
     let pending: i64 =
         client.query_typed_one("SELECT count(*) FROM nudge.events WHERE processed_at IS NULL", &[]).await?.get(0);
     let rows = client
