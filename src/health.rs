@@ -51,6 +51,8 @@ impl Readiness {
 #[derive(Default)]
 pub struct Metrics {
     pub claim_passes: AtomicU64,
+    /// Times this node held the wake gate's `awake` lock (producers skipped NOTIFY meanwhile).
+    pub awake_periods: AtomicU64,
     pub claimed: AtomicU64,
     pub expired: AtomicU64,
     pub delivered: AtomicU64,
@@ -69,6 +71,11 @@ impl Metrics {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         counter("nudge_wakeups_total", "Wake-ups requested (NOTIFY, client wakeup, poll).", wakeups);
         counter("nudge_claim_passes_total", "Claim passes run.", get(&self.claim_passes));
+        counter(
+            "nudge_awake_periods_total",
+            "Times this node claimed in a loop while producers skipped their NOTIFY.",
+            get(&self.awake_periods),
+        );
         counter("nudge_events_claimed_total", "Events claimed and marked processed.", get(&self.claimed));
         counter(
             "nudge_events_expired_total",

@@ -19,7 +19,7 @@ use crate::http::{self, ExtraRoutes};
 use crate::hub::Hub;
 use crate::relay::{self, Relay};
 use crate::shutdown::{self, Shutdown};
-use crate::wake::Wakeups;
+use crate::wake::{DeliveryWakeups, Wakeups};
 
 /// How long shutdown may take before nudge exits anyway (the contract says within 10 s).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(9);
@@ -62,7 +62,7 @@ pub async fn run(
     let (trigger, shutdown) = shutdown::channel();
     let hub = Arc::new(Hub::new());
     let claims = Arc::new(Wakeups::default());
-    let deliveries = Arc::new(Wakeups::default());
+    let deliveries = Arc::new(DeliveryWakeups::default());
     let metrics = Arc::new(Metrics::default());
     let readiness = Arc::new(Readiness::default());
     let shared = Arc::new(Shared {
@@ -88,6 +88,7 @@ pub async fn run(
         hub,
         claims,
         deliveries,
+        gate_database: listen_database.clone(),
         fresh: Default::default(),
         metrics,
         readiness,

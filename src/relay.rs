@@ -2,11 +2,13 @@
 //!
 //! - **Claims** (`run_claims`): woken by NOTIFY nudge (an INSERT), a client's `wakeup`, or the poll. One pass at
 //!   a time claims pending rows in batches and gives them a cluster-wide `seq` (see `db::events`). It routes
-//!   nothing itself: it hands its batches to this node's delivery loop, and every other node reads them.
+//!   nothing itself: it hands its batches to this node's delivery loop, and every other node reads them. While
+//!   rows flow faster than a claim round trip it stays awake and claims in a loop, and producers skip their
+//!   NOTIFY (the wake gate, `Phase` below and sql/0003_wake_gate.sql).
 //! - **Deliveries** (`run_deliveries`): woken by NOTIFY nudge_claimed (any node's claim), this node's own claims,
 //!   or the poll. It routes this node's own fresh batches when they continue its cursor, otherwise reads claimed
 //!   rows past the cursor, in seq order; routing advances the cursor. The cursor is the truth; notifications only
-//!   wake.
+//!   wake (and say how far there is to read, so a node alone never reads back its own claims).
 //!
 //! Invariants: one pass of each loop at a time per node; the hub sees events in seq order, so every connection
 //! receives them in that order, exactly once, on every node.
@@ -15,15 +17,18 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use deadpool_postgres::Pool;
 
 use crate::config::RelaySettings;
 use crate::db::events;
+use crate::db::gate::{self, Gate};
 use crate::db::{migrate, nodes, Backoff};
 use crate::health::{Metrics, Readiness};
 use crate::hub::Hub;
 use crate::shutdown::Shutdown;
-use crate::wake::Wakeups;
+use crate::wake::{DeliveryWakeups, Wakeups};
 
 /// What the relay tasks share.
 pub struct Relay {
@@ -32,7 +37,9 @@ pub struct Relay {
     /// "Rows may be pending": NOTIFY nudge, client `wakeup`, poll, LISTEN (re)connect.
     pub claims: Arc<Wakeups>,
     /// "Rows may be claimed past our cursor": NOTIFY nudge_claimed, our own claims, poll, LISTEN (re)connect.
-    pub deliveries: Arc<Wakeups>,
+    pub deliveries: Arc<DeliveryWakeups>,
+    /// The direct session config (never PgBouncer) for the wake gate's session-level lock.
+    pub gate_database: tokio_postgres::Config,
     /// Batches this node claimed, in claim order, waiting for the delivery loop (which alone routes).
     pub fresh: Mutex<Vec<Vec<events::Event>>>,
     pub metrics: Arc<Metrics>,
@@ -40,38 +47,66 @@ pub struct Relay {
     pub settings: RelaySettings,
 }
 
+/// A claim pass that took at least this many rows means rows arrive faster than a claim round trip: stay awake
+/// and claim in a loop rather than have every producer NOTIFY (see sql/0003_wake_gate.sql).
+const FLOWING: usize = 4;
+/// While awake, how soon an empty claim is retried: tokio's timer resolution, and about a claim's own cost.
+const AWAKE_POLL: Duration = Duration::from_millis(1);
+/// How long an awake relay keeps finding nothing before it goes idle.
+const LINGER: Duration = Duration::from_millis(10);
+/// While settling, polls back off up to this (a producer's transaction may stay open for a while).
+const SETTLE_POLL_MAX: Duration = Duration::from_millis(100);
+
+/// Where the claim loop is in the wake gate's protocol (sql/0003_wake_gate.sql).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Producers NOTIFY; one pass runs per wake-up.
+    Idle,
+    /// Rows are flowing: hold `awake` so producers skip their NOTIFY, and claim in a loop.
+    Awake,
+    /// No longer holding (or asking for) `awake`, but producers that skipped their NOTIFY may still be in
+    /// flight: keep claiming until an instant with none, then claim once more.
+    Settling,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ClaimError {
+    #[error(transparent)]
+    Query(#[from] events::QueryError),
+    #[error("wake gate session failed: {0}")]
+    Gate(#[from] tokio_postgres::Error),
+}
+
 impl Relay {
-    /// Run claim passes whenever woken, until shutdown. A pass in progress is finished before returning.
-    pub async fn run_claims(&self, shutdown: Shutdown) {
-        self.run_passes(&self.claims, shutdown, "claim", || self.claim_pass()).await
-    }
-
-    /// Deliver claimed rows past the cursor whenever woken, until shutdown.
-    pub async fn run_deliveries(&self, shutdown: Shutdown) {
-        self.run_passes(&self.deliveries, shutdown, "delivery", || self.delivery_pass()).await
-    }
-
-    /// The loop both share: wait for a wake-up, run one pass; after a failure, pause with backoff and retry even
-    /// if nobody wakes us, since the work is still there.
-    async fn run_passes<'a, F, Fut>(&'a self, wakeups: &Wakeups, mut shutdown: Shutdown, what: &str, pass: F)
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<(), events::QueryError>> + 'a,
-    {
+    /// Claim whenever woken, until shutdown; see `Phase`. Claims route nothing themselves: each batch goes to
+    /// this node's delivery loop, and every other node reads it.
+    pub async fn run_claims(&self, mut shutdown: Shutdown) {
+        let mut phase = Phase::Idle;
+        let mut gate: Option<Gate> = None;
         let mut backoff = Backoff::default();
         loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.triggered() => return,
-                _ = wakeups.wait() => {}
-            }
-            match pass().await {
-                Ok(()) => backoff.reset(),
+            let next = match phase {
+                Phase::Idle => self.idle(&mut shutdown).await,
+                Phase::Awake => self.awake(&mut gate, &mut shutdown).await,
+                Phase::Settling => self.settle(&mut shutdown).await,
+            };
+            match next {
+                Ok(Some(next)) => {
+                    phase = next;
+                    backoff.reset();
+                }
+                Ok(None) => return,
                 Err(e) => {
-                    tracing::warn!("{what} pass failed: {e}");
+                    tracing::warn!("claim pass failed: {e}");
                     self.readiness.set_error(e.to_string());
+                    // A broken gate session has released `awake`; either way producers may have skipped their
+                    // NOTIFY for us, so settle. An idle node asked nothing of anyone and stays idle.
+                    if phase != Phase::Idle {
+                        gate = None;
+                        phase = Phase::Settling;
+                    }
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff.next_delay()) => wakeups.wake(),
+                        _ = tokio::time::sleep(backoff.next_delay()) => self.claims.wake(),
                         _ = shutdown.triggered() => return,
                     }
                 }
@@ -79,11 +114,85 @@ impl Relay {
         }
     }
 
-    /// Claim batches until one comes back short.
-    async fn claim_pass(&self) -> Result<(), events::QueryError> {
+    /// Wait for a wake-up, claim; stay awake if rows are flowing.
+    async fn idle(&self, shutdown: &mut Shutdown) -> Result<Option<Phase>, ClaimError> {
+        tokio::select! {
+            biased;
+            _ = shutdown.triggered() => return Ok(None),
+            _ = self.claims.wait() => {}
+        }
+        let claimed = self.claim_pass().await?;
+        Ok(Some(if claimed >= FLOWING { Phase::Awake } else { Phase::Idle }))
+    }
+
+    /// Hold `awake` and claim in a loop until nothing came for `LINGER`, then release it and settle. Shutdown
+    /// drops the gate session, which releases `awake` too.
+    async fn awake(&self, gate: &mut Option<Gate>, shutdown: &mut Shutdown) -> Result<Option<Phase>, ClaimError> {
+        let session = match gate {
+            Some(session) => session,
+            None => match Gate::connect(&self.gate_database).await {
+                Ok(session) => gate.insert(session),
+                // Nothing was asked of producers yet: stay on NOTIFY.
+                Err(e) => {
+                    tracing::warn!("cannot open the wake gate session, staying on NOTIFY: {e}");
+                    return Ok(Some(Phase::Idle));
+                }
+            },
+        };
+        if !session.hold_awake().await? {
+            return Ok(Some(Phase::Settling));
+        }
+        self.metrics.awake_periods.fetch_add(1, Ordering::Relaxed);
+        let mut last_rows = Instant::now();
+        loop {
+            if self.claim_pass().await? > 0 {
+                last_rows = Instant::now();
+                continue;
+            }
+            if last_rows.elapsed() >= LINGER {
+                break;
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.triggered() => return Ok(None),
+                _ = tokio::time::sleep(AWAKE_POLL) => {}
+                _ = self.claims.wait() => {}
+            }
+        }
+        session.release_awake().await?;
+        Ok(Some(Phase::Settling))
+    }
+
+    /// Claim until, at some instant, no producer transaction is in flight; the claim after that instant sees
+    /// every row whose producer skipped its NOTIFY. Back to awake if rows are flowing again.
+    async fn settle(&self, shutdown: &mut Shutdown) -> Result<Option<Phase>, ClaimError> {
+        let mut delay = AWAKE_POLL;
+        loop {
+            let settled = gate::producers_settled(&self.pool).await?;
+            let claimed = self.claim_pass().await?;
+            if settled {
+                return Ok(Some(Phase::Idle));
+            }
+            if claimed >= FLOWING {
+                return Ok(Some(Phase::Awake));
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.triggered() => return Ok(None),
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.claims.wait() => {}
+            }
+            delay = (delay * 2).min(SETTLE_POLL_MAX);
+        }
+    }
+
+    /// Claim batches until one comes back short; returns the rows claimed.
+    async fn claim_pass(&self) -> Result<usize, events::QueryError> {
         self.metrics.claim_passes.fetch_add(1, Ordering::Relaxed);
+        let mut total = 0;
         loop {
             let claimed = events::claim_batch(&self.pool, self.settings.claim_batch, self.settings.max_age).await?;
+            total += claimed.claimed;
             self.metrics.claimed.fetch_add(claimed.claimed as u64, Ordering::Relaxed);
             self.metrics.expired.fetch_add(claimed.expired as u64, Ordering::Relaxed);
             if let Some(last) = claimed.events.last() {
@@ -95,17 +204,44 @@ impl Relay {
                 );
                 // Committed: hand the rows to our own delivery loop, which routes them without reading them back
                 // when they continue its cursor. Other nodes read them after the NOTIFY.
+                let last_seq = last.seq;
                 self.fresh.lock().unwrap_or_else(|e| e.into_inner()).push(claimed.events);
-                self.deliveries.wake();
+                self.deliveries.claimed(last_seq);
             }
             if (claimed.claimed as i64) < self.settings.claim_batch {
-                return Ok(());
+                return Ok(total);
             }
         }
     }
 
-    /// Route claimed rows past the cursor, batch by batch, advancing the cursor after each.
+    /// Route claimed rows past the cursor whenever woken, until shutdown; after a failure, retry with backoff.
+    pub async fn run_deliveries(&self, mut shutdown: Shutdown) {
+        let mut backoff = Backoff::default();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.triggered() => return,
+                _ = self.deliveries.wait() => {}
+            }
+            match self.delivery_pass().await {
+                Ok(()) => backoff.reset(),
+                Err(e) => {
+                    tracing::warn!("delivery pass failed: {e}");
+                    self.readiness.set_error(e.to_string());
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay()) => self.deliveries.look(),
+                        _ = shutdown.triggered() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Route claimed rows past the cursor, batch by batch, advancing the cursor after each. Reads the database
+    /// only when something past the cursor is known to exist that our own claims did not bring, or when a
+    /// wake-up could not tell (poll, reconnect, retry).
     async fn delivery_pass(&self) -> Result<(), events::QueryError> {
+        let mut look = self.deliveries.take_look();
         // Our own claims first: a batch that starts right after the cursor needs no read (the common case on a
         // single node, and the lowest latency). Any other batch is dropped: the read below finds its rows.
         let fresh = std::mem::take(&mut *self.fresh.lock().unwrap_or_else(|e| e.into_inner()));
@@ -115,6 +251,9 @@ impl Relay {
             }
         }
         loop {
+            if !look && self.hub.cursor() >= self.deliveries.claimed_through() {
+                return Ok(());
+            }
             let batch = events::read_after(&self.pool, self.hub.cursor(), self.settings.claim_batch).await?;
             if batch.is_empty() {
                 return Ok(());
@@ -128,7 +267,7 @@ impl Relay {
                 "delivered batch"
             );
             if (batch.len() as i64) < self.settings.claim_batch {
-                return Ok(());
+                look = false;
             }
         }
     }
@@ -159,7 +298,7 @@ impl Relay {
             tokio::select! {
                 _ = tick.tick() => {
                     self.claims.wake();
-                    self.deliveries.wake();
+                    self.deliveries.look();
                 }
                 _ = shutdown.triggered() => return,
             }

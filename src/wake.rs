@@ -4,7 +4,7 @@
 //! Coalescing is the point: `tokio::sync::Notify` stores at most one permit, so any number of wake-ups while a
 //! pass runs cause exactly one more pass, and 10,000 wakeups a second cost a handful of queries.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use tokio::sync::Notify;
 
 #[derive(Default)]
@@ -28,5 +28,45 @@ impl Wakeups {
 
     pub fn requested(&self) -> u64 {
         self.requested.load(Ordering::Relaxed)
+    }
+}
+
+/// Wake-ups for the delivery loop, carrying what they know: the highest seq any node is known to have handed
+/// out. A delivery pass reads the database only when that is past what this node already routed from its own
+/// claims, or when a wake-up could not say (the poll, a LISTEN reconnect). On one node, that makes a claimed
+/// batch cost one query, not three.
+#[derive(Default)]
+pub struct DeliveryWakeups {
+    wakeups: Wakeups,
+    /// From NOTIFY nudge_claimed payloads and this node's own claims. Only grows.
+    claimed_through: AtomicI64,
+    /// Set by wake-ups that know nothing: read past the cursor whatever `claimed_through` says.
+    look: AtomicBool,
+}
+
+impl DeliveryWakeups {
+    /// Seqs up to `seq` are claimed and committed.
+    pub fn claimed(&self, seq: i64) {
+        self.claimed_through.fetch_max(seq, Ordering::AcqRel);
+        self.wakeups.wake();
+    }
+
+    /// Something may be claimed past the cursor; go and look.
+    pub fn look(&self) {
+        self.look.store(true, Ordering::Release);
+        self.wakeups.wake();
+    }
+
+    pub async fn wait(&self) {
+        self.wakeups.wait().await;
+    }
+
+    pub fn claimed_through(&self) -> i64 {
+        self.claimed_through.load(Ordering::Acquire)
+    }
+
+    /// Whether a `look` arrived since the last call.
+    pub fn take_look(&self) -> bool {
+        self.look.swap(false, Ordering::AcqRel)
     }
 }

@@ -52,36 +52,17 @@ pub enum QueryError {
     Data { id: i64, source: serde_json::Error },
 }
 
-/// Claim up to $1 pending rows in id order, skipping rows another claim holds; number the deliverable ones from
-/// `nudge.delivery` (locking it until commit); tell every node with NOTIFY nudge_claimed. One statement, so one
-/// transaction: a crash before commit leaves the rows pending.
-const CLAIM: &str = r#"
-WITH next AS (
-    SELECT id, occurred_at < now() - make_interval(secs => $2) AS expired
-    FROM nudge.events
-    WHERE processed_at IS NULL
-    ORDER BY id
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-), live AS (
-    SELECT id, row_number() OVER (ORDER BY id) AS n FROM next WHERE NOT expired
-), counter AS (
-    UPDATE nudge.delivery
-    SET last_seq = last_seq + (SELECT count(*) FROM live)
-    WHERE EXISTS (SELECT 1 FROM live)
-    RETURNING last_seq - (SELECT count(*) FROM live) AS base, pg_notify('nudge_claimed', last_seq::text)
-)
-UPDATE nudge.events e
-SET processed_at = now(), seq = (SELECT base FROM counter) + live.n
-FROM next LEFT JOIN live USING (id)
-WHERE e.id = next.id
-RETURNING e.seq, e.id, e.topic, e.kind,
-    to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'), e.recipients, e.data::text
-"#;
-
+/// Claim up to `limit` pending rows, number the deliverable ones and tell every node: `nudge.claim()` in
+/// sql/0003_wake_gate.sql (a function, so its plan is cached per session). One statement, so one transaction: a
+/// crash before commit leaves the rows pending.
 pub async fn claim_batch(pool: &Pool, limit: i64, max_age: Duration) -> Result<Claimed, QueryError> {
     let client = pool.get().await?;
-    let rows = client.query_typed(CLAIM, &[(&limit, Type::INT8), (&max_age.as_secs_f64(), Type::FLOAT8)]).await?;
+    let rows = client
+        .query_typed(
+            "SELECT * FROM nudge.claim($1, $2, true)",
+            &[(&limit, Type::INT8), (&max_age.as_secs_f64(), Type::FLOAT8)],
+        )
+        .await?;
     let claimed = rows.len();
     let live: Vec<&Row> = rows.iter().filter(|row| row.get::<_, Option<i64>>(0).is_some()).collect();
     let mut events = live.into_iter().map(event).collect::<Result<Vec<_>, _>>()?;

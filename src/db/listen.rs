@@ -14,7 +14,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use super::Backoff;
 use crate::health::Readiness;
 use crate::shutdown::Shutdown;
-use crate::wake::Wakeups;
+use crate::wake::{DeliveryWakeups, Wakeups};
 
 /// The channel the `events_notify` trigger notifies.
 pub const INSERTED: &str = "nudge";
@@ -25,7 +25,7 @@ const LISTEN: &str = "LISTEN nudge; LISTEN nudge_claimed";
 /// Who to wake for each channel.
 pub struct Listeners {
     pub claims: Arc<Wakeups>,
-    pub deliveries: Arc<Wakeups>,
+    pub deliveries: Arc<DeliveryWakeups>,
 }
 
 /// Keep a LISTEN session open until shutdown, reconnecting with backoff.
@@ -71,7 +71,10 @@ async fn listen_once(
     let notifications = async {
         loop {
             match poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(n))) if n.channel() == CLAIMED => wakeups.deliveries.wake(),
+                Some(Ok(AsyncMessage::Notification(n))) if n.channel() == CLAIMED => match n.payload().parse() {
+                    Ok(last_seq) => wakeups.deliveries.claimed(last_seq),
+                    Err(_) => wakeups.deliveries.look(),
+                },
                 Some(Ok(AsyncMessage::Notification(_))) => wakeups.claims.wake(),
                 Some(Ok(_notice)) => {}
                 Some(Err(e)) => return Err(e),
@@ -89,7 +92,7 @@ async fn listen_once(
     tracing::info!("LISTEN connection up");
     // Anything inserted or claimed while we were not listening would otherwise wait for the fallback poll.
     wakeups.claims.wake();
-    wakeups.deliveries.wake();
+    wakeups.deliveries.look();
     let ended = notifications.await;
     drop(client);
     ended

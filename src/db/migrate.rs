@@ -16,6 +16,7 @@ pub struct Migration {
 pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "0001_events.sql", sql: include_str!("../../sql/0001_events.sql") },
     Migration { version: 2, name: "0002_cluster.sql", sql: include_str!("../../sql/0002_cluster.sql") },
+    Migration { version: 3, name: "0003_wake_gate.sql", sql: include_str!("../../sql/0003_wake_gate.sql") },
 ];
 
 /// Advisory lock key: "nudge" in ASCII, so it is recognisable in `pg_locks`.

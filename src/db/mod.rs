@@ -2,6 +2,7 @@
 //! claim and retention queries ([`claim`]). Claims and cleanup use a deadpool pool; LISTEN has its own session.
 
 pub mod events;
+pub mod gate;
 pub mod listen;
 pub mod migrate;
 pub mod nodes;

@@ -1,0 +1,141 @@
+//! The wake gate (sql/0003_wake_gate.sql): producers skip their NOTIFY while a node claims in a loop, and no row
+//! is ever left for the fallback poll (which every test here sets to 1 h).
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::time::Instant;
+
+/// Does this producer's open transaction hold `awake` shared, i.e. did its trigger NOTIFY? (The bigint key
+/// 121450474726657 shows in pg_locks as classid 0x6e75, objid 0x64676501.)
+const NOTIFIED_IN_THIS_TRANSACTION: &str = "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() \
+     AND locktype = 'advisory' AND classid = 28277 AND objid = 1684497665 AND objsubid = 1)";
+const AWAKE_HOLDERS: &str = "SELECT count(*) FROM pg_locks \
+     WHERE locktype = 'advisory' AND classid = 28277 AND objid = 1684497665 AND mode = 'ExclusiveLock'";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_nudge_gets_a_notify_from_every_inserting_transaction() {
+    let db = TestDb::new().await;
+    let nudge = Nudge::start(&db.url, &[]).await;
+    let mut alice = authed(&nudge, "alice", &["*"]).await;
+    alice.subscribe("gate").await;
+    let (_listener, mut notes) = listen(&db.url, "nudge").await;
+    let mut producer = db.client().await;
+
+    let tx = producer.transaction().await.unwrap();
+    let id: i64 = tx
+        .query_one("INSERT INTO nudge.events (topic, kind) VALUES ('gate', 'k') RETURNING id", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let notified: bool = tx.query_one(NOTIFIED_IN_THIS_TRANSACTION, &[]).await.unwrap().get(0);
+    assert!(notified, "with nudge idle the trigger must take the NOTIFY branch");
+    tx.commit().await.unwrap();
+
+    assert_eq!(tokio::time::timeout(SOON, notes.recv()).await.expect("a NOTIFY").unwrap(), "nudge");
+    assert_eq!(alice.recv_type("event").await["id"], id);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_whose_producer_skipped_notify_while_nudge_was_awake_is_delivered_without_the_poll() {
+    let db = TestDb::new().await;
+    let nudge = Nudge::start(&db.url, &[]).await;
+    let mut alice = authed(&nudge, "alice", &["*"]).await;
+    alice.subscribe("gate").await;
+    let pg = db.client().await;
+    let mut producer = db.client().await;
+
+    // Bursts make nudge claim in a loop (awake) for a few milliseconds; catch one of those moments with a
+    // producer transaction whose trigger skips the NOTIFY.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut burst_ids = Vec::new();
+    let skipped_id = loop {
+        assert!(Instant::now() < deadline, "never caught nudge awake");
+        burst_ids.extend(insert_many(&pg, "gate", 50).await);
+        let tx = producer.transaction().await.unwrap();
+        let id: i64 = tx
+            .query_one("INSERT INTO nudge.events (topic, kind) VALUES ('gate', 'skipped') RETURNING id", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let notified: bool = tx.query_one(NOTIFIED_IN_THIS_TRANSACTION, &[]).await.unwrap().get(0);
+        if notified {
+            tx.rollback().await.unwrap();
+            continue;
+        }
+        // Stay open well past nudge's linger: it stops looping and must wait for us before it idles.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        tx.commit().await.unwrap();
+        break id;
+    };
+    let committed = Instant::now();
+
+    let mut expected = burst_ids;
+    expected.push(skipped_id);
+    let got = alice.recv_event_ids(expected.len(), SOON).await;
+    assert_eq!(got, expected);
+    let waited = committed.elapsed();
+    assert!(waited < Duration::from_secs(5), "the skipped row waited {waited:?}: that is the fallback poll's job");
+    assert!(nudge.metric("nudge_awake_periods_total").await >= 1.0);
+    alice.expect_silence(SILENCE).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nudge_stops_holding_awake_once_rows_stop() {
+    let db = TestDb::new().await;
+    let nudge = Nudge::start(&db.url, &[]).await;
+    let mut alice = authed(&nudge, "alice", &["*"]).await;
+    alice.subscribe("gate").await;
+    let pg = db.client().await;
+
+    let ids = insert_many(&pg, "gate", 2_000).await;
+    assert_eq!(alice.recv_event_ids(ids.len(), SOON).await, ids);
+    assert!(nudge.metric("nudge_awake_periods_total").await >= 1.0);
+    eventually!(SOON, "nudge to release `awake`", {
+        pg.query_one(AWAKE_HOLDERS, &[]).await.unwrap().get::<_, i64>(0) == 0
+    });
+    // Idle again: the next producer NOTIFYs and is delivered.
+    let id = insert_event(&pg, "gate", "k", "{}").await;
+    assert_eq!(alice.recv_type("event").await["id"], id);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_gate_session_while_rows_flow_loses_nothing() {
+    let db = TestDb::new().await;
+    let nudge = Nudge::start(&db.url, &[]).await;
+    let mut alice = authed(&nudge, "alice", &["*"]).await;
+    alice.subscribe("gate").await;
+    let pg = db.client().await;
+
+    // Producers insert small batches for 3 s while the gate session is killed every 150 ms.
+    let producer = {
+        let producer_db = db.client().await;
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            let until = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < until {
+                ids.extend(insert_many(&producer_db, "gate", 5).await);
+            }
+            ids
+        })
+    };
+    let gate_pids =
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'nudge-gate' AND datname = current_database()";
+    let mut kills = 0;
+    while !producer.is_finished() {
+        let killed: Option<bool> = pg
+            .query_one(&format!("SELECT bool_and(pg_terminate_backend(pid)) FROM ({gate_pids}) g"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        kills += usize::from(killed == Some(true));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let ids = producer.await.unwrap();
+    assert!(kills > 0, "the gate session was never up to be killed");
+
+    let got = alice.recv_event_ids(ids.len(), SOON).await;
+    assert_eq!(got, ids, "every row once, in order, after {kills} kills");
+    alice.expect_silence(SILENCE).await;
+}
