@@ -6,7 +6,9 @@
 -- already claiming in a tight loop does not need to be told; it only needs to be told when it is idle.
 --
 -- The wake gate, two advisory locks (keys are "nudge" in ASCII followed by 01 and 02, to be found in pg_locks):
---   awake    121450474726657  held exclusively (session level) by a relay that is claiming in a loop
+--   awake    121450474726657  held exclusively by a relay that is claiming in a loop (in a transaction on a
+--                             session of its own, with idle_in_transaction_session_timeout as a lease: a
+--                             frozen relay loses it within a quarter second)
 --   inflight 121450474726658  held shared by every inserting transaction until it ends
 -- The trigger takes `inflight` first, then tries `awake` shared: if that succeeds no relay is awake, so it
 -- NOTIFYs; if not, a relay is awake (or about to be) and will claim the row. A relay that stops looping first

@@ -5,6 +5,7 @@
 //! every connection with 1001, let the claim pass in progress finish, bounded by `SHUTDOWN_GRACE`.
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,6 +89,7 @@ pub async fn run(
         hub,
         claims,
         deliveries,
+        others_alive: Arc::new(AtomicBool::new(true)),
         gate_database: listen_database.clone(),
         fresh: Default::default(),
         metrics,
@@ -139,16 +141,24 @@ async fn run_database_side(
     if !relay::prepare_schema(&session_db, migrate, &relay.readiness, shutdown.clone()).await {
         return;
     }
+    let node_id = node.id.clone();
+    // Heartbeats first: the first one announces this node, so nodes that thought they were alone start sending
+    // NOTIFY nudge_claimed before we take our cursor.
+    let heartbeat =
+        spawn_relay(&relay, &shutdown, |r, s| async move { r.run_heartbeat(&node.id, &node.address, s).await });
     if !relay.start_cursor(shutdown.clone()).await {
         return;
     }
-    let listeners = Listeners { claims: relay.claims.clone(), deliveries: relay.deliveries.clone() };
+    let listeners = Listeners {
+        claims: relay.claims.clone(),
+        deliveries: relay.deliveries.clone(),
+        others_alive: relay.others_alive.clone(),
+        node_id,
+    };
     tokio::spawn(db::listen::run(session_db, listeners, relay.readiness.clone(), shutdown.clone()));
     let poll = spawn_relay(&relay, &shutdown, |r, s| async move { r.run_poll(s).await });
     let retention = spawn_relay(&relay, &shutdown, |r, s| async move { r.run_retention(s).await });
     let deliveries = spawn_relay(&relay, &shutdown, |r, s| async move { r.run_deliveries(s).await });
-    let heartbeat =
-        spawn_relay(&relay, &shutdown, |r, s| async move { r.run_heartbeat(&node.id, &node.address, s).await });
     relay.run_claims(shutdown).await;
     // Shutdown: wait for the pass in progress of each loop, and for the heartbeat to remove our row.
     let _ = tokio::join!(poll, retention, deliveries, heartbeat);

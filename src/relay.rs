@@ -13,7 +13,7 @@
 //! Invariants: one pass of each loop at a time per node; the hub sees events in seq order, so every connection
 //! receives them in that order, exactly once, on every node.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +38,9 @@ pub struct Relay {
     pub claims: Arc<Wakeups>,
     /// "Rows may be claimed past our cursor": NOTIFY nudge_claimed, our own claims, poll, LISTEN (re)connect.
     pub deliveries: Arc<DeliveryWakeups>,
+    /// Whether another live node may need our NOTIFY nudge_claimed. Starts true; heartbeats correct it, and
+    /// any node's heartbeat announcement sets it (db::listen).
+    pub others_alive: Arc<AtomicBool>,
     /// The direct session config (never PgBouncer) for the wake gate's session-level lock.
     pub gate_database: tokio_postgres::Config,
     /// Batches this node claimed, in claim order, waiting for the delivery loop (which alone routes).
@@ -191,7 +194,9 @@ impl Relay {
         self.metrics.claim_passes.fetch_add(1, Ordering::Relaxed);
         let mut total = 0;
         loop {
-            let claimed = events::claim_batch(&self.pool, self.settings.claim_batch, self.settings.max_age).await?;
+            let tell_others = self.others_alive.load(Ordering::Relaxed);
+            let claimed =
+                events::claim_batch(&self.pool, self.settings.claim_batch, self.settings.max_age, tell_others).await?;
             total += claimed.claimed;
             self.metrics.claimed.fetch_add(claimed.claimed as u64, Ordering::Relaxed);
             self.metrics.expired.fetch_add(claimed.expired as u64, Ordering::Relaxed);
@@ -345,8 +350,9 @@ impl Relay {
                 }
             }
             let connections = i32::try_from(self.hub.connections()).unwrap_or(i32::MAX);
-            if let Err(e) = nodes::heartbeat(&self.pool, node_id, address, connections, self.hub.cursor()).await {
-                tracing::debug!("heartbeat failed: {e}");
+            match nodes::heartbeat(&self.pool, node_id, address, connections, self.hub.cursor()).await {
+                Ok(others) => self.others_alive.store(others, Ordering::Relaxed),
+                Err(e) => tracing::debug!("heartbeat failed: {e}"),
             }
         }
     }

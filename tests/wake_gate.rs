@@ -139,3 +139,86 @@ async fn killing_the_gate_session_while_rows_flow_loses_nothing() {
     assert_eq!(got, ids, "every row once, in order, after {kills} kills");
     alice.expect_silence(SILENCE).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_alone_stops_notifying_its_claims_and_starts_again_when_another_node_joins() {
+    let db = TestDb::new().await;
+    let first = Nudge::start(&db.url, &[("NUDGE_NODE_ID", "first")]).await;
+    let mut alice = authed(&first, "alice", &["*"]).await;
+    alice.subscribe("gate").await;
+    let (_listener, mut claimed) = listen(&db.url, "nudge_claimed").await;
+    let pg = db.client().await;
+
+    // After its first heartbeat the node knows it is alone: its claims stop notifying nudge_claimed.
+    let deadline = Instant::now() + SOON;
+    loop {
+        assert!(Instant::now() < deadline, "a lone node kept notifying nudge_claimed");
+        while claimed.try_recv().is_ok() {}
+        let id = insert_event(&pg, "gate", "k", "{}").await;
+        assert_eq!(alice.recv_type("event").await["id"], id);
+        if tokio::time::timeout(SILENCE, claimed.recv()).await.is_err() {
+            break;
+        }
+    }
+
+    // A second node announces itself; whichever node claims from now on, the other one hears of it at once
+    // (the fallback poll is 1 h).
+    let second = Nudge::start(&db.url, &[("NUDGE_NODE_ID", "second")]).await;
+    let mut bob = authed(&second, "bob", &["*"]).await;
+    bob.subscribe("gate").await;
+    for _ in 0..20 {
+        let id = insert_event(&pg, "gate", "k", "{}").await;
+        assert_eq!(alice.recv_type("event").await["id"], id);
+        assert_eq!(bob.recv_type("event").await["id"], id);
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let st = std::process::Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
+    assert!(st.success(), "kill -{sig} {pid} failed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_frozen_while_awake_loses_awake_within_its_lease() {
+    let db = TestDb::new().await;
+    let nudge = Nudge::start(&db.url, &[]).await;
+    let mut alice = authed(&nudge, "alice", &["*"]).await;
+    alice.subscribe("gate").await;
+    let pg = db.client().await;
+    let mut producer = db.client().await;
+
+    // Freeze the node at a moment it holds `awake`.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut ids = Vec::new();
+    loop {
+        assert!(Instant::now() < deadline, "never froze nudge while awake");
+        ids.extend(insert_many(&pg, "gate", 50).await);
+        signal(nudge.pid(), "STOP");
+        if pg.query_one(AWAKE_HOLDERS, &[]).await.unwrap().get::<_, i64>(0) == 1 {
+            break;
+        }
+        signal(nudge.pid(), "CONT");
+    }
+    let frozen = Instant::now();
+
+    // PostgreSQL ends the frozen node's gate session: producers take the NOTIFY branch again.
+    eventually!(Duration::from_secs(5), "`awake` released while the node is frozen", {
+        pg.query_one(AWAKE_HOLDERS, &[]).await.unwrap().get::<_, i64>(0) == 0
+    });
+    let released_after = frozen.elapsed();
+    let tx = producer.transaction().await.unwrap();
+    let id: i64 = tx
+        .query_one("INSERT INTO nudge.events (topic, kind) VALUES ('gate', 'k') RETURNING id", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let notified: bool = tx.query_one(NOTIFIED_IN_THIS_TRANSACTION, &[]).await.unwrap().get(0);
+    tx.commit().await.unwrap();
+    assert!(notified, "a producer skipped its NOTIFY for a frozen node");
+    ids.push(id);
+
+    signal(nudge.pid(), "CONT");
+    let got = alice.recv_event_ids(ids.len(), SOON).await;
+    assert_eq!(got, ids);
+    assert!(released_after < Duration::from_secs(2), "released after {released_after:?}");
+}

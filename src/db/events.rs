@@ -52,15 +52,15 @@ pub enum QueryError {
     Data { id: i64, source: serde_json::Error },
 }
 
-/// Claim up to `limit` pending rows, number the deliverable ones and tell every node: `nudge.claim()` in
-/// sql/0003_wake_gate.sql (a function, so its plan is cached per session). One statement, so one transaction: a
-/// crash before commit leaves the rows pending.
-pub async fn claim_batch(pool: &Pool, limit: i64, max_age: Duration) -> Result<Claimed, QueryError> {
+/// Claim up to `limit` pending rows and number the deliverable ones; with `tell_others`, NOTIFY every node:
+/// `nudge.claim()` in sql/0003_wake_gate.sql (a function, so its plan is cached per session). One statement, so
+/// one transaction: a crash before commit leaves the rows pending.
+pub async fn claim_batch(pool: &Pool, limit: i64, max_age: Duration, tell_others: bool) -> Result<Claimed, QueryError> {
     let client = pool.get().await?;
     let rows = client
         .query_typed(
-            "SELECT * FROM nudge.claim($1, $2, true)",
-            &[(&limit, Type::INT8), (&max_age.as_secs_f64(), Type::FLOAT8)],
+            "SELECT * FROM nudge.claim($1, $2, $3)",
+            &[(&limit, Type::INT8), (&max_age.as_secs_f64(), Type::FLOAT8), (&tell_others, Type::BOOL)],
         )
         .await?;
     let claimed = rows.len();

@@ -1,11 +1,14 @@
 //! The wake gate's session: how a node tells producers "I am claiming in a loop, skip your NOTIFY", and how it
 //! makes sure, before it stops looping, that no row from a producer that skipped is left unclaimed.
 //!
-//! The protocol is in `sql/0003_wake_gate.sql`; this file only holds its two advisory locks. It needs a session
-//! of its own (session-level locks, held across many claim transactions), so it connects like LISTEN does:
-//! directly, never through PgBouncer. If the session dies PostgreSQL releases the locks, so producers NOTIFY
-//! again; the relay then settles before it trusts being idle.
+//! The protocol is in `sql/0003_wake_gate.sql`; this file only holds its two advisory locks. `awake` lives in a
+//! transaction on a session of its own (held across many claim transactions), so it connects like LISTEN does:
+//! directly, never through PgBouncer. A node that freezes while awake (SIGSTOP, a stalled VM) must not silence
+//! producers for everyone: the transaction runs with `idle_in_transaction_session_timeout`, a keepalive touches
+//! it while the node lives, and PostgreSQL ends the session of a node that stops. Whenever the session ends,
+//! PostgreSQL releases the lock, producers NOTIFY again, and the relay settles before it trusts being idle.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_postgres::error::SqlState;
@@ -21,46 +24,73 @@ const INFLIGHT: i64 = 121_450_474_726_658;
 /// How long a node waits for `awake`: producers that did NOTIFY hold it shared until they commit (short), another
 /// awake node holds it for as long as rows flow (then this node need not be awake at all).
 const AWAKE_WAIT: Duration = Duration::from_millis(10);
+/// A node silent this long while awake is frozen or gone: PostgreSQL ends its session, releasing `awake`.
+const AWAKE_LEASE: Duration = Duration::from_millis(250);
+/// How often a live awake node proves it is alive: well inside the lease, even on a busy runtime.
+const KEEPALIVE: Duration = Duration::from_millis(50);
 
 pub struct Gate {
-    client: Client,
-    /// The connection's I/O task; aborted when the gate is dropped, which ends the session and its locks.
+    client: Arc<Client>,
+    /// The connection's I/O task; aborted when the gate is dropped, which ends the session and its lock.
     driver: tokio::task::JoinHandle<()>,
+    /// Renews the lease while `awake` is held.
+    keepalive: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Gate {
     pub async fn connect(config: &tokio_postgres::Config) -> Result<Gate, tokio_postgres::Error> {
         let mut config = config.clone();
-        // Operators find this session (and its locks, in pg_locks) by name.
+        // Operators find this session (and its lock, in pg_locks) by name.
         config.application_name("nudge-gate");
         let (client, connection) = config.connect(NoTls).await?;
         let driver = tokio::spawn(async move {
             let _ = connection.await;
         });
         client.batch_execute(&format!("SET lock_timeout = {}", AWAKE_WAIT.as_millis())).await?;
-        Ok(Gate { client, driver })
+        Ok(Gate { client: Arc::new(client), driver, keepalive: None })
     }
 
     /// Try to become the awake relay. False when the wait ran out (another node is awake, or a producer's
     /// transaction held its shared lock that long). Either way, producers may have skipped their NOTIFY while we
-    /// asked: the caller must `settle` afterwards.
-    pub async fn hold_awake(&self) -> Result<bool, tokio_postgres::Error> {
-        match self.client.query_typed("SELECT pg_advisory_lock($1)", &[(&AWAKE, Type::INT8)]).await {
-            Ok(_) => Ok(true),
-            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => Ok(false),
-            Err(e) => Err(e),
+    /// asked: the caller must settle afterwards.
+    pub async fn hold_awake(&mut self) -> Result<bool, tokio_postgres::Error> {
+        let begin = format!("BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}", AWAKE_LEASE.as_millis());
+        self.client.batch_execute(&begin).await?;
+        match self.client.query_typed("SELECT pg_advisory_xact_lock($1)", &[(&AWAKE, Type::INT8)]).await {
+            Ok(_) => {}
+            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                self.client.batch_execute("ROLLBACK").await?;
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
         }
+        let client = self.client.clone();
+        self.keepalive = Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(KEEPALIVE);
+            loop {
+                tick.tick().await;
+                if client.batch_execute("SELECT 1").await.is_err() {
+                    return;
+                }
+            }
+        }));
+        Ok(true)
     }
 
     /// Stop being awake: from now on producers NOTIFY again.
-    pub async fn release_awake(&self) -> Result<(), tokio_postgres::Error> {
-        self.client.query_typed("SELECT pg_advisory_unlock($1)", &[(&AWAKE, Type::INT8)]).await?;
-        Ok(())
+    pub async fn release_awake(&mut self) -> Result<(), tokio_postgres::Error> {
+        if let Some(keepalive) = self.keepalive.take() {
+            keepalive.abort();
+        }
+        self.client.batch_execute("COMMIT").await
     }
 }
 
 impl Drop for Gate {
     fn drop(&mut self) {
+        if let Some(keepalive) = self.keepalive.take() {
+            keepalive.abort();
+        }
         self.driver.abort();
     }
 }

@@ -1,17 +1,18 @@
-//! The LISTEN connection: a dedicated tokio-postgres session, driven with `poll_message`, on two channels:
-//! `nudge` (the insert trigger: rows are pending, claim them) and `nudge_claimed` (some node claimed rows: read
-//! past the cursor).
+//! The LISTEN connection: a dedicated tokio-postgres session, driven with `poll_message`, on three channels:
+//! `nudge` (the insert trigger: rows are pending, claim them), `nudge_claimed` (some node claimed rows: read
+//! past the cursor) and `nudge_nodes` (a node's heartbeat: someone else may need our `nudge_claimed`).
 //!
 //! A notification only means "look": its payload is ignored, and the passes find out what there is. That is why
 //! a lost notification (the connection was down) costs nothing but latency: every (re)connect wakes both loops
 //! at once, and the fallback poll covers the rest.
 
 use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use super::Backoff;
+use super::{nodes, Backoff};
 use crate::health::Readiness;
 use crate::shutdown::Shutdown;
 use crate::wake::{DeliveryWakeups, Wakeups};
@@ -20,12 +21,16 @@ use crate::wake::{DeliveryWakeups, Wakeups};
 pub const INSERTED: &str = "nudge";
 /// The channel every claim notifies when it commits (payload: the last seq it handed out).
 pub const CLAIMED: &str = "nudge_claimed";
-const LISTEN: &str = "LISTEN nudge; LISTEN nudge_claimed";
+const LISTEN: &str = "LISTEN nudge; LISTEN nudge_claimed; LISTEN nudge_nodes";
 
 /// Who to wake for each channel.
 pub struct Listeners {
     pub claims: Arc<Wakeups>,
     pub deliveries: Arc<DeliveryWakeups>,
+    /// Set when another node's heartbeat announcement arrives.
+    pub others_alive: Arc<AtomicBool>,
+    /// Our own announcements come back to us too; they say nothing.
+    pub node_id: String,
 }
 
 /// Keep a LISTEN session open until shutdown, reconnecting with backoff.
@@ -75,6 +80,11 @@ async fn listen_once(
                     Ok(last_seq) => wakeups.deliveries.claimed(last_seq),
                     Err(_) => wakeups.deliveries.look(),
                 },
+                Some(Ok(AsyncMessage::Notification(n))) if n.channel() == nodes::ANNOUNCE => {
+                    if n.payload() != wakeups.node_id {
+                        wakeups.others_alive.store(true, Ordering::Relaxed);
+                    }
+                }
                 Some(Ok(AsyncMessage::Notification(_))) => wakeups.claims.wake(),
                 Some(Ok(_notice)) => {}
                 Some(Err(e)) => return Err(e),

@@ -13,14 +13,27 @@ pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// A node silent this long is considered gone; any live node deletes its row.
 pub const STALE: Duration = Duration::from_secs(30);
 
-pub async fn heartbeat(pool: &Pool, id: &str, address: &str, connections: i32, cursor: i64) -> Result<(), QueryError> {
+/// The channel a node announces itself on at every heartbeat: a node that thought it was alone starts telling
+/// others about its claims at once, not at its own next heartbeat.
+pub const ANNOUNCE: &str = "nudge_nodes";
+
+/// Refresh this node's row (announcing it on `ANNOUNCE`) and age out dead nodes; returns whether any other node
+/// is alive.
+pub async fn heartbeat(
+    pool: &Pool,
+    id: &str,
+    address: &str,
+    connections: i32,
+    cursor: i64,
+) -> Result<bool, QueryError> {
     let client = pool.get().await?;
     client
         .query_typed(
-            "INSERT INTO nudge.nodes (id, address, started_at, heartbeat_at, connections, cursor) \
+            "WITH me AS (INSERT INTO nudge.nodes (id, address, started_at, heartbeat_at, connections, cursor) \
              VALUES ($1, $2, now(), now(), $3, $4) \
              ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), address = EXCLUDED.address, \
-             connections = EXCLUDED.connections, cursor = EXCLUDED.cursor",
+             connections = EXCLUDED.connections, cursor = EXCLUDED.cursor RETURNING id) \
+             SELECT pg_notify('nudge_nodes', id) FROM me",
             &[(&id, Type::TEXT), (&address, Type::TEXT), (&connections, Type::INT4), (&cursor, Type::INT8)],
         )
         .await?;
@@ -30,7 +43,14 @@ pub async fn heartbeat(pool: &Pool, id: &str, address: &str, connections: i32, c
             &[(&STALE.as_secs_f64(), Type::FLOAT8)],
         )
         .await?;
-    Ok(())
+    let others = client
+        .query_typed_one(
+            "SELECT EXISTS (SELECT 1 FROM nudge.nodes WHERE id <> $1 \
+             AND heartbeat_at >= now() - make_interval(secs => $2))",
+            &[(&id, Type::TEXT), (&STALE.as_secs_f64(), Type::FLOAT8)],
+        )
+        .await?;
+    Ok(others.get(0))
 }
 
 /// Remove this node's row on a clean shutdown.
