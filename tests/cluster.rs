@@ -213,11 +213,6 @@ async fn last_seq(pg: &tokio_postgres::Client) -> i64 {
 }
 
 /// Send a signal to a process (the harness kills its children on drop; these are the deliberate ones).
-fn signal(pid: u32, sig: &str) {
-    let st = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
-    assert!(st.success(), "kill -{sig} {pid} failed");
-}
-
 /// Start `n` nodes at once on one database and wait until each is ready.
 async fn start_nodes(url: &str, n: usize, extra_env: &[(&str, &str)]) -> Vec<Nudge> {
     futures_util::future::join_all((0..n).map(|_| Nudge::start(url, extra_env))).await

@@ -14,22 +14,33 @@ const NOTIFIED_IN_THIS_TRANSACTION: &str = "SELECT EXISTS (SELECT 1 FROM pg_lock
 const AWAKE_HOLDERS: &str = "SELECT count(*) FROM pg_locks \
      WHERE locktype = 'advisory' AND classid = 28277 AND objid = 1684497665 AND mode = 'ExclusiveLock'";
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_idle_nudge_gets_a_notify_from_every_inserting_transaction() {
-    let db = TestDb::new().await;
+/// One node, and alice subscribed to `gate` on it.
+async fn node_with_alice(db: &TestDb) -> (Nudge, Ws) {
     let nudge = Nudge::start(&db.url, &[]).await;
     let mut alice = authed(&nudge, "alice", &["*"]).await;
     alice.subscribe("gate").await;
-    let (_listener, mut notes) = listen(&db.url, "nudge").await;
-    let mut producer = db.client().await;
+    (nudge, alice)
+}
 
-    let tx = producer.transaction().await.unwrap();
+/// Insert one `gate` row in an open producer transaction: its id, and whether its trigger took the NOTIFY branch.
+async fn insert_in(tx: &tokio_postgres::Transaction<'_>) -> (i64, bool) {
     let id: i64 = tx
         .query_one("INSERT INTO nudge.events (topic, kind) VALUES ('gate', 'k') RETURNING id", &[])
         .await
         .unwrap()
         .get(0);
-    let notified: bool = tx.query_one(NOTIFIED_IN_THIS_TRANSACTION, &[]).await.unwrap().get(0);
+    (id, tx.query_one(NOTIFIED_IN_THIS_TRANSACTION, &[]).await.unwrap().get(0))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_nudge_gets_a_notify_from_every_inserting_transaction() {
+    let db = TestDb::new().await;
+    let (_nudge, mut alice) = node_with_alice(&db).await;
+    let (_listener, mut notes) = listen(&db.url, "nudge").await;
+    let mut producer = db.client().await;
+
+    let tx = producer.transaction().await.unwrap();
+    let (id, notified) = insert_in(&tx).await;
     assert!(notified, "with nudge idle the trigger must take the NOTIFY branch");
     tx.commit().await.unwrap();
 
@@ -40,9 +51,7 @@ async fn an_idle_nudge_gets_a_notify_from_every_inserting_transaction() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_row_whose_producer_skipped_notify_while_nudge_was_awake_is_delivered_without_the_poll() {
     let db = TestDb::new().await;
-    let nudge = Nudge::start(&db.url, &[]).await;
-    let mut alice = authed(&nudge, "alice", &["*"]).await;
-    alice.subscribe("gate").await;
+    let (nudge, mut alice) = node_with_alice(&db).await;
     let pg = db.client().await;
     let mut producer = db.client().await;
 
@@ -54,12 +63,7 @@ async fn a_row_whose_producer_skipped_notify_while_nudge_was_awake_is_delivered_
         assert!(Instant::now() < deadline, "never caught nudge awake");
         burst_ids.extend(insert_many(&pg, "gate", 50).await);
         let tx = producer.transaction().await.unwrap();
-        let id: i64 = tx
-            .query_one("INSERT INTO nudge.events (topic, kind) VALUES ('gate', 'skipped') RETURNING id", &[])
-            .await
-            .unwrap()
-            .get(0);
-        let notified: bool = tx.query_one(NOTIFIED_IN_THIS_TRANSACTION, &[]).await.unwrap().get(0);
+        let (id, notified) = insert_in(&tx).await;
         if notified {
             tx.rollback().await.unwrap();
             continue;
@@ -84,9 +88,7 @@ async fn a_row_whose_producer_skipped_notify_while_nudge_was_awake_is_delivered_
 #[tokio::test(flavor = "multi_thread")]
 async fn nudge_stops_holding_awake_once_rows_stop() {
     let db = TestDb::new().await;
-    let nudge = Nudge::start(&db.url, &[]).await;
-    let mut alice = authed(&nudge, "alice", &["*"]).await;
-    alice.subscribe("gate").await;
+    let (nudge, mut alice) = node_with_alice(&db).await;
     let pg = db.client().await;
 
     let ids = insert_many(&pg, "gate", 2_000).await;
@@ -103,9 +105,7 @@ async fn nudge_stops_holding_awake_once_rows_stop() {
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_the_gate_session_while_rows_flow_loses_nothing() {
     let db = TestDb::new().await;
-    let nudge = Nudge::start(&db.url, &[]).await;
-    let mut alice = authed(&nudge, "alice", &["*"]).await;
-    alice.subscribe("gate").await;
+    let (_nudge, mut alice) = node_with_alice(&db).await;
     let pg = db.client().await;
 
     // Producers insert small batches for 3 s while the gate session is killed every 150 ms.
@@ -173,17 +173,10 @@ async fn a_node_alone_stops_notifying_its_claims_and_starts_again_when_another_n
     }
 }
 
-fn signal(pid: u32, sig: &str) {
-    let st = std::process::Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
-    assert!(st.success(), "kill -{sig} {pid} failed");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_frozen_while_awake_loses_awake_within_its_lease() {
     let db = TestDb::new().await;
-    let nudge = Nudge::start(&db.url, &[]).await;
-    let mut alice = authed(&nudge, "alice", &["*"]).await;
-    alice.subscribe("gate").await;
+    let (nudge, mut alice) = node_with_alice(&db).await;
     let pg = db.client().await;
     let mut producer = db.client().await;
 
@@ -207,12 +200,7 @@ async fn a_node_frozen_while_awake_loses_awake_within_its_lease() {
     });
     let released_after = frozen.elapsed();
     let tx = producer.transaction().await.unwrap();
-    let id: i64 = tx
-        .query_one("INSERT INTO nudge.events (topic, kind) VALUES ('gate', 'k') RETURNING id", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let notified: bool = tx.query_one(NOTIFIED_IN_THIS_TRANSACTION, &[]).await.unwrap().get(0);
+    let (id, notified) = insert_in(&tx).await;
     tx.commit().await.unwrap();
     assert!(notified, "a producer skipped its NOTIFY for a frozen node");
     ids.push(id);

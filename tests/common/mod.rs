@@ -273,6 +273,12 @@ pub async fn insert_many(db: &tokio_postgres::Client, topic: &str, n: i64) -> Ve
 // nudge processes
 // ---------------------------------------------------------------------------------------------
 
+/// Send a signal (`STOP`, `CONT`, `KILL`, …) to a process.
+pub fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
+    assert!(st.success(), "kill -{sig} {pid} failed");
+}
+
 pub fn nudge_bin() -> &'static str {
     env!("CARGO_BIN_EXE_nudge")
 }
