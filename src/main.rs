@@ -94,11 +94,10 @@ async fn run(command: Command, options: Options) -> Result<(), Failure> {
 async fn status(options: &Options) -> Result<(), Failure> {
     let database = options.database()?;
     let runtime = |e: tokio_postgres::Error| Failure::Runtime(format!("cannot read the cluster status: {e}"));
-    let (client, connection) = database.connect(tokio_postgres::NoTls).await.map_err(runtime)?;
-    let driver = tokio::spawn(connection);
-    let status = db::nodes::status(&client).await.map_err(runtime)?;
-    drop(client);
-    let _ = driver.await;
+    let session = db::Session::connect(&database).await.map_err(runtime)?;
+    let status = db::nodes::status(&session).await;
+    session.close().await;
+    let status = status.map_err(runtime)?;
     println!("last seq {}, pending rows {}, nodes {}", status.last_seq, status.pending, status.nodes.len());
     if !status.nodes.is_empty() {
         println!(

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, NoTls};
 
 use super::events::QueryError;
+use super::Session;
 
 /// Held exclusively by an awake relay (must match sql/0003_wake_gate.sql).
 const AWAKE: i64 = 121_450_474_726_657;
@@ -30,9 +30,8 @@ const AWAKE_LEASE: Duration = Duration::from_millis(250);
 const KEEPALIVE: Duration = Duration::from_millis(50);
 
 pub struct Gate {
-    client: Arc<Client>,
-    /// The connection's I/O task; aborted when the gate is dropped, which ends the session and its lock.
-    driver: tokio::task::JoinHandle<()>,
+    /// Shared with the keepalive task; dropping the gate (and so the session) ends the session and its lock.
+    client: Arc<Session>,
     /// Renews the lease while `awake` is held.
     keepalive: Option<tokio::task::JoinHandle<()>>,
 }
@@ -42,12 +41,9 @@ impl Gate {
         let mut config = config.clone();
         // Operators find this session (and its lock, in pg_locks) by name.
         config.application_name("nudge-gate");
-        let (client, connection) = config.connect(NoTls).await?;
-        let driver = tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        client.batch_execute(&format!("SET lock_timeout = {}", AWAKE_WAIT.as_millis())).await?;
-        Ok(Gate { client: Arc::new(client), driver, keepalive: None })
+        let session = Session::connect(&config).await?;
+        session.batch_execute(&format!("SET lock_timeout = {}", AWAKE_WAIT.as_millis())).await?;
+        Ok(Gate { client: Arc::new(session), keepalive: None })
     }
 
     /// Try to become the awake relay. False when the wait ran out (another node is awake, or a producer's
@@ -91,7 +87,6 @@ impl Drop for Gate {
         if let Some(keepalive) = self.keepalive.take() {
             keepalive.abort();
         }
-        self.driver.abort();
     }
 }
 

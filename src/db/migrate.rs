@@ -4,7 +4,9 @@
 //! letting nudge apply it. The advisory lock makes concurrent starts of several nodes safe: the second waits, then
 //! finds nothing left to do.
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+
+use super::Session;
 
 pub struct Migration {
     pub version: i32,
@@ -36,21 +38,17 @@ pub enum MigrateError {
 
 /// Apply pending migrations; returns the versions applied now.
 pub async fn migrate(config: &tokio_postgres::Config) -> Result<Vec<i32>, MigrateError> {
-    let (mut client, connection) = config.connect(NoTls).await.map_err(MigrateError::Connect)?;
-    let driver = tokio::spawn(connection);
-    let result = apply_locked(&mut client).await;
-    drop(client);
-    let _ = driver.await;
+    let mut session = Session::connect(config).await.map_err(MigrateError::Connect)?;
+    let result = apply_locked(&mut session).await;
+    session.close().await;
     result
 }
 
 /// Check, without changing anything, that the schema is current (for `serve --no-migrate`).
 pub async fn check(config: &tokio_postgres::Config) -> Result<(), MigrateError> {
-    let (client, connection) = config.connect(NoTls).await.map_err(MigrateError::Connect)?;
-    let driver = tokio::spawn(connection);
-    let result = applied_versions(&client).await;
-    drop(client);
-    let _ = driver.await;
+    let session = Session::connect(config).await.map_err(MigrateError::Connect)?;
+    let result = applied_versions(&session).await;
+    session.close().await;
     let found = result?.into_iter().max().unwrap_or(0);
     let needed = latest_version();
     if found < needed {

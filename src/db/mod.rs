@@ -12,6 +12,43 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
+/// A direct session, not from the pool: for migrations, `nudge status`, the demo's setup and the wake gate.
+/// Derefs to the client; `close` ends it cleanly (the server sees a Terminate, not a reset).
+pub struct Session {
+    client: tokio_postgres::Client,
+    /// Drives the connection's I/O; ends once the client is dropped.
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Session {
+    pub async fn connect(config: &tokio_postgres::Config) -> Result<Session, tokio_postgres::Error> {
+        let (client, connection) = config.connect(NoTls).await?;
+        let driver = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Session { client, driver })
+    }
+
+    pub async fn close(self) {
+        let Session { client, driver } = self;
+        drop(client);
+        let _ = driver.await;
+    }
+}
+
+impl std::ops::Deref for Session {
+    type Target = tokio_postgres::Client;
+    fn deref(&self) -> &Self::Target {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.client
+    }
+}
+
 pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, deadpool_postgres::BuildError> {
     let mut config = config.clone();
     if config.get_application_name().is_none() {

@@ -12,8 +12,6 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use tokio_postgres::NoTls;
-
 use crate::config::{ConfigError, Options};
 use crate::{db, node};
 
@@ -63,11 +61,9 @@ pub async fn run(options: Options) -> Result<(), DemoError> {
 
 async fn prepare_database(database: &tokio_postgres::Config) -> Result<(), DemoError> {
     db::migrate::migrate(database).await.map_err(|e| DemoError::Database(e.to_string()))?;
-    let (client, connection) = database.connect(NoTls).await.map_err(|e| DemoError::Database(e.to_string()))?;
-    let driver = tokio::spawn(connection);
-    let created = client.batch_execute(api::SCHEMA).await;
-    drop(client);
-    let _ = driver.await;
+    let session = db::Session::connect(database).await.map_err(|e| DemoError::Database(e.to_string()))?;
+    let created = session.batch_execute(api::SCHEMA).await;
+    session.close().await;
     created.map_err(|e| DemoError::Database(format!("creating the demo table: {e}")))
 }
 
