@@ -1,0 +1,549 @@
+//! nudge-bench: a load generator that measures nudge from the outside, as its users see it.
+//!
+//! It opens N authenticated WebSocket connections (spread over one or more nudge nodes, several source addresses
+//! and several generator processes), subscribes them, produces events through PostgreSQL exactly as a backend
+//! would, and measures on the client side: handshakes per second, deliveries per second, latency and its
+//! distribution, and lost and duplicated events (which must be zero). With `--server-pid` it also reports the
+//! server processes' RSS and CPU time from /proc. One JSON object on stdout; progress on stderr.
+//!
+//! Modes (docs/performance.md names the targets):
+//! - `targeted`: event K goes to user u{K mod N}; latency from the producer's COMMIT returning to the receive.
+//! - `topic`: every connection subscribes topic `bench`; every event goes to all of them.
+//! - `wakeup` (P9): rows are written with the trigger off, then the recipient's connection sends `wakeup`;
+//!   latency from the wakeup sent to the event received.
+//! - `backlog` (P7): `--backlog` rows in one transaction with the trigger off, then one `wakeup`; deliveries per
+//!   second and latency from that COMMIT until every row has arrived.
+//! - `produce` (P8): writers INSERT into `--table` and nothing else; the producer's ceiling.
+//! - `saturate` (P5): against `nudge-ceiling`: one `wakeup`, then count the broadcast frames per connection.
+//!
+//! `--workers K` splits the connections over K processes of this same executable (remote.rs): one process runs
+//! out of file descriptors (and one source address out of ephemeral ports) long before nudge does.
+
+mod produce;
+mod remote;
+mod stats;
+mod worker;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde_json::json;
+
+use crate::produce::{insert_backlog, produce, Writers};
+use crate::remote::{RemoteWorker, ToWorker};
+use crate::stats::{
+    log_buckets_ms, new_histogram, now_us, percentile_ms, raise_nofile_limit, server_cpu, server_rss_kib, CommitTable,
+};
+use crate::worker::{Plan, Ready, Summary, Worker};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Each event has one recipient (`recipients = ARRAY['uK']`): one delivery per event.
+    Targeted,
+    /// Each event goes to topic `bench`, which every connection subscribes to: N deliveries per event.
+    Topic,
+    /// Rows written without the NOTIFY trigger, each followed by a `wakeup` on the recipient's connection.
+    Wakeup,
+    /// `--backlog` rows in one transaction (trigger off), then one `wakeup`: how fast nudge drains them.
+    Backlog,
+    /// INSERTs into `--table` only (no WebSocket measurement): the producer's cost.
+    Produce,
+    /// Against the socket-ceiling server: one `wakeup`, then count its broadcast per connection.
+    Saturate,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "nudge-bench", about = "Load generator for nudge: connections, events, latency, losses.")]
+pub struct Args {
+    /// WebSocket URL (ws://) of a node; repeat for several nodes (connections are spread round-robin).
+    #[arg(long = "url")]
+    urls: Vec<String>,
+    /// The database the nodes use; events are INSERTed here. Not needed in saturate mode.
+    #[arg(long, env = "NUDGE_DATABASE_URL")]
+    database_url: Option<String>,
+    /// HS256 secret the nodes verify tokens with. Not needed in saturate mode.
+    #[arg(long, env = "NUDGE_JWT_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// WebSocket connections over all workers (0 is allowed in produce mode).
+    #[arg(long, default_value_t = 100)]
+    connections: usize,
+    #[arg(long, value_enum, default_value_t = Mode::Targeted)]
+    mode: Mode,
+    /// Events per second over all writers; 0 = as fast as the writers can commit.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// How long the writers produce (backlog: how long to wait for the drain, plus --grace; saturate: how long to
+    /// count the broadcast).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Concurrent producer connections.
+    #[arg(long, default_value_t = 4)]
+    writers: usize,
+    /// How long to wait for the last deliveries after producing stops.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    grace: Duration,
+    /// Generator processes; the connections are split evenly over them (wakeup mode: 1).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Spread the connections over the source addresses 127.0.0.1 .. 127.0.0.K (~28,000 ports each).
+    #[arg(long, default_value_t = 1)]
+    source_ips: usize,
+    /// This many connections (spread evenly) stop reading right after subscribing; their events are not expected.
+    #[arg(long, default_value_t = 0)]
+    stalled: usize,
+    /// Backlog mode: rows inserted before measuring.
+    #[arg(long, default_value_t = 100_000)]
+    backlog: u64,
+    /// Produce mode: the table to INSERT into (same columns as nudge.events).
+    #[arg(long, default_value = "nudge.events")]
+    table: String,
+    /// Server processes to read RSS and CPU from (/proc/PID).
+    #[arg(long = "server-pid")]
+    server_pids: Vec<u32>,
+    /// Internal: this process is worker I of --worker-count, started by the parent.
+    #[arg(long, hide = true)]
+    worker_index: Option<usize>,
+    #[arg(long, hide = true)]
+    worker_count: Option<usize>,
+}
+
+fn main() {
+    // Anchor the shared clock before anything else (stats::now_us).
+    now_us();
+    let args = Args::parse();
+    // A worker process runs on one thread: the parallelism comes from the processes, and K processes with a
+    // thread per core each would mostly switch between threads on a machine this size.
+    let runtime = if args.worker_index.is_some() {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("nudge-bench: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Some(index) = args.worker_index {
+        let count = args.worker_count.unwrap_or(1).max(1);
+        if let Err(e) = runtime.block_on(remote::serve(plan(&args, index, count))) {
+            eprintln!("nudge-bench[worker {index}]: {e}");
+            std::process::exit(1);
+        }
+        // Exit without waiting for the stdin thread or the runtime's tasks.
+        std::process::exit(0);
+    }
+    match runtime.block_on(run(args)) {
+        Ok(summary) => {
+            println!("{summary}");
+            std::process::exit(0);
+        }
+        Err(e) => {
+            eprintln!("nudge-bench: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Worker `index`'s share of the connections: a contiguous range of indexes, so user ids stay u0..u{N-1}.
+fn plan(args: &Args, index: usize, count: usize) -> Plan {
+    let n = args.connections;
+    Plan {
+        urls: args.urls.clone(),
+        // Saturate mode's server ignores the token, so any secret signs it.
+        secret: args.secret.clone().unwrap_or_else(|| "nudge-bench-unused-secret".into()),
+        mode: args.mode,
+        connections: n,
+        stalled: args.stalled,
+        source_ips: args.source_ips,
+        ports: worker::local_ports(),
+        range: index * n / count..(index + 1) * n / count,
+        tag: if count > 1 { format!("nudge-bench[worker {index}]") } else { "nudge-bench".into() },
+    }
+}
+
+fn validate(args: &Args) -> Result<(), String> {
+    if args.connections == 0 && args.mode != Mode::Produce {
+        return Err("--connections 0 only makes sense in produce mode".into());
+    }
+    if args.connections > 0 && args.urls.is_empty() {
+        return Err("--url is required with connections".into());
+    }
+    if args.mode != Mode::Saturate && args.database_url.is_none() {
+        return Err("--database-url (or NUDGE_DATABASE_URL) is required in this mode".into());
+    }
+    if args.connections > 0 && args.mode != Mode::Saturate && args.secret.is_none() {
+        return Err("--secret (or NUDGE_JWT_SECRET) is required in this mode".into());
+    }
+    if args.workers == 0 {
+        return Err("--workers must be at least 1".into());
+    }
+    if args.mode == Mode::Wakeup && args.workers != 1 {
+        return Err(
+            "wakeup mode runs in one process (--workers 1): wakeups go out on the recipients' own connections, \
+                    next to the writers"
+                .into(),
+        );
+    }
+    if !(1..=254).contains(&args.source_ips) {
+        return Err("--source-ips must be 1 to 254 (127.0.0.1 .. 127.0.0.254)".into());
+    }
+    if args.stalled > args.connections {
+        return Err("--stalled cannot exceed --connections".into());
+    }
+    if args.stalled == args.connections && args.connections > 0 && args.mode != Mode::Produce {
+        return Err("at least one connection must read".into());
+    }
+    if args.rate < 0.0 || !args.rate.is_finite() {
+        return Err("--rate must be 0 (flat out) or positive".into());
+    }
+    // Interpolated into the INSERT: an identifier, optionally schema-qualified, nothing else.
+    let identifier = |part: &str| {
+        !part.is_empty()
+            && !part.starts_with(|c: char| c.is_ascii_digit())
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let parts: Vec<&str> = args.table.split('.').collect();
+    if parts.len() > 2 || !parts.iter().all(|p| identifier(p)) {
+        return Err(format!("--table {:?}: expected [schema.]table, letters, digits and _", args.table));
+    }
+    Ok(())
+}
+
+/// The parent's view of a worker: in this process (`--workers 1`) or a child process.
+enum Handle {
+    Local(Box<Worker>),
+    Remote(RemoteWorker),
+}
+
+impl Handle {
+    async fn ready(&mut self) -> Result<Ready, String> {
+        match self {
+            Handle::Local(worker) => Ok(worker.ready()),
+            Handle::Remote(remote) => remote.ready().await,
+        }
+    }
+
+    fn go(&mut self) -> Result<(), String> {
+        match self {
+            Handle::Local(_) => Ok(()),
+            Handle::Remote(remote) => remote.send(&ToWorker::Go),
+        }
+    }
+
+    fn received(&self) -> u64 {
+        match self {
+            Handle::Local(worker) => worker.received().load(std::sync::atomic::Ordering::Relaxed),
+            Handle::Remote(remote) => remote.received(),
+        }
+    }
+
+    async fn wakeup(&mut self) -> Result<(), String> {
+        match self {
+            Handle::Local(worker) => worker.wakeup().await,
+            Handle::Remote(remote) => remote.send(&ToWorker::Wakeup),
+        }
+    }
+}
+
+/// Stop every worker and collect its summary. Children read the commit times from a file: one write, however
+/// many workers, and nothing large crosses a pipe.
+async fn finish(handles: Vec<Handle>, commits: &[(i64, u64)]) -> Result<Vec<Summary>, String> {
+    let mut path = None;
+    if handles.iter().any(|h| matches!(h, Handle::Remote(_))) && !commits.is_empty() {
+        let file = std::env::temp_dir().join(format!("nudge-bench-{}-commits.bin", std::process::id()));
+        std::fs::write(&file, CommitTable::encode(commits)).map_err(|e| format!("{}: {e}", file.display()))?;
+        path = Some(file);
+    }
+    let mut summaries = Vec::new();
+    let mut remotes = Vec::new();
+    for handle in handles {
+        match handle {
+            Handle::Local(worker) => summaries.push(worker.finish(&CommitTable::new(commits)).await),
+            Handle::Remote(mut remote) => {
+                remote.send(&ToWorker::Finish { commits: path.clone() })?;
+                remotes.push(remote);
+            }
+        }
+    }
+    // All children work on their summaries at once; collect them in turn.
+    let mut result = Ok(());
+    for remote in &mut remotes {
+        match remote.summary().await {
+            Ok(summary) => summaries.push(summary),
+            Err(e) => result = Err(e),
+        }
+    }
+    if let Some(path) = path {
+        let _ = std::fs::remove_file(path);
+    }
+    result.map(|()| summaries)
+}
+
+/// What the producing phase leaves for the report.
+#[derive(Default)]
+struct Produced {
+    events: u64,
+    events_per_s: f64,
+    expected: u64,
+    commits: Vec<(i64, u64)>,
+    /// Deliveries per second are counted from here…
+    window_start_us: u64,
+    /// …over at least this long (the producing time).
+    window_min_s: f64,
+}
+
+fn received(handles: &[Handle]) -> u64 {
+    handles.iter().map(Handle::received).sum()
+}
+
+/// Wait until `expected` event frames have been read, or the deadline passes.
+async fn wait_for(handles: &[Handle], expected: u64, deadline: tokio::time::Instant) {
+    while received(handles) < expected && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn run(args: Args) -> Result<serde_json::Value, String> {
+    validate(&args)?;
+    let workers = if args.connections == 0 { 0 } else { args.workers.min(args.connections) };
+    let per_process = args.connections.div_ceil(workers.max(1));
+    if let Some(soft) = raise_nofile_limit() {
+        // Each connection is a file descriptor; a few dozen more for the runtime, writers and pipes.
+        if (per_process as u64) + 64 > soft {
+            eprintln!(
+                "nudge-bench: warning: {per_process} connections per process but an open-files limit of {soft}; \
+                 use more --workers"
+            );
+        }
+    }
+    let (low, high) = worker::local_ports();
+    let per_address = args.connections.div_ceil(args.source_ips);
+    if per_address > usize::from(high - low) + 1 {
+        eprintln!(
+            "nudge-bench: warning: {per_address} connections per source address, but the local port range has {}; \
+             use more --source-ips",
+            high - low + 1
+        );
+    }
+    let rss_before_kib = server_rss_kib(&args.server_pids);
+
+    // Connect: every worker at once.
+    let mut handles = Vec::with_capacity(workers);
+    if workers == 1 {
+        handles.push(Handle::Local(Box::new(Worker::start(plan(&args, 0, 1)).await?)));
+    } else {
+        for i in 0..workers {
+            handles.push(Handle::Remote(RemoteWorker::spawn(i, workers)?));
+        }
+    }
+    let mut readies = Vec::with_capacity(workers);
+    for handle in &mut handles {
+        readies.push(handle.ready().await?);
+    }
+    let connected: u64 = readies.iter().map(|r| r.connected).sum();
+    let failed: u64 = readies.iter().map(|r| r.failed).sum();
+    let stalled_connected: u64 = readies.iter().map(|r| r.stalled_connected).sum();
+    let reading = connected - stalled_connected;
+    // Wall time of the whole connect phase, first connect of any worker to last reply of any worker, on the
+    // clock all processes share.
+    let connect_secs = match (readies.iter().map(|r| r.started_us).min(), readies.iter().map(|r| r.finished_us).max()) {
+        (Some(start), Some(end)) => end.saturating_sub(start) as f64 / 1e6,
+        _ => 0.0,
+    };
+    if workers > 1 {
+        eprintln!("nudge-bench: {connected} connected ({failed} failed) over {workers} workers in {connect_secs:.2}s");
+    }
+    let cpu_before = server_cpu(&args.server_pids);
+    for handle in &mut handles {
+        handle.go()?;
+    }
+
+    let database_url = args.database_url.clone().unwrap_or_default();
+    let produced = match args.mode {
+        Mode::Targeted | Mode::Topic | Mode::Wakeup | Mode::Produce => {
+            let sinks = match (&handles[..], args.mode) {
+                ([Handle::Local(worker)], Mode::Wakeup) => Some(worker.sinks()),
+                _ => None,
+            };
+            let setup = Writers {
+                database_url,
+                writers: args.writers.max(1),
+                rate: args.rate,
+                duration: args.duration,
+                mode: args.mode,
+                connections: args.connections,
+                stalled: args.stalled,
+                table: args.table.clone(),
+                sinks,
+            };
+            let out = produce(Arc::new(setup)).await?;
+            let expected = match args.mode {
+                Mode::Topic => out.events * reading,
+                Mode::Produce => 0,
+                _ => out.expected,
+            };
+            eprintln!(
+                "nudge-bench: produced {} events in {:.2}s; waiting for {expected} deliveries",
+                out.events, out.secs
+            );
+            wait_for(&handles, expected, tokio::time::Instant::now() + args.grace).await;
+            Produced {
+                events: out.events,
+                events_per_s: out.events as f64 / out.secs.max(1e-9),
+                expected,
+                commits: out.commits,
+                window_start_us: out.started_us,
+                window_min_s: out.secs,
+            }
+        }
+        Mode::Backlog => {
+            let backlog = insert_backlog(&database_url, args.backlog, args.connections, args.stalled).await?;
+            eprintln!(
+                "nudge-bench: {} rows inserted and committed in {:.2}s; sending one wakeup",
+                args.backlog, backlog.insert_secs
+            );
+            wakeup_any(&mut handles, &readies).await?;
+            let deadline = tokio::time::Instant::now() + args.duration + args.grace;
+            wait_for(&handles, backlog.expected, deadline).await;
+            Produced {
+                events: args.backlog,
+                events_per_s: args.backlog as f64 / backlog.insert_secs.max(1e-9),
+                expected: backlog.expected,
+                commits: backlog.commits,
+                window_start_us: backlog.t0_us,
+                window_min_s: 0.0,
+            }
+        }
+        Mode::Saturate => {
+            let start_us = now_us();
+            wakeup_any(&mut handles, &readies).await?;
+            let started = tokio::time::Instant::now();
+            tokio::time::sleep(args.duration).await;
+            // The server broadcasts for its own --duration: count until the frames stop (1 s of quiet) or the
+            // grace period is over.
+            let deadline = started + args.duration + args.grace;
+            let (mut last, mut last_change) = (received(&handles), tokio::time::Instant::now());
+            while tokio::time::Instant::now() < deadline && last_change.elapsed() < Duration::from_secs(1) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let now = received(&handles);
+                if now != last {
+                    (last, last_change) = (now, tokio::time::Instant::now());
+                }
+            }
+            Produced { window_start_us: start_us, ..Produced::default() }
+        }
+    };
+    let rss_kib = server_rss_kib(&args.server_pids);
+    let cpu_after = server_cpu(&args.server_pids);
+
+    let summaries = finish(handles, &produced.commits).await?;
+    let mut latency = new_histogram();
+    let mut stalled_outcomes: BTreeMap<String, u64> = BTreeMap::new();
+    let mut closed: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut delivered, mut duplicated, mut unmatched, mut early, mut last_recv_us) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut seq_unique, mut seq_last_sum, mut seq_max) = (0u64, 0u64, 0u64);
+    for s in &summaries {
+        for &(value, count) in &s.latency {
+            latency.saturating_record_n(value, count);
+        }
+        for (outcome, n) in &s.stalled {
+            *stalled_outcomes.entry(outcome.clone()).or_default() += n;
+        }
+        for (reason, n) in &s.closed {
+            *closed.entry(reason.clone()).or_default() += n;
+        }
+        delivered += s.deliveries;
+        duplicated += s.duplicated;
+        unmatched += s.unmatched;
+        early += s.early;
+        last_recv_us = last_recv_us.max(s.last_recv_us);
+        seq_unique += s.seq_unique;
+        seq_last_sum += s.seq_last_sum;
+        seq_max = seq_max.max(s.seq_max_id);
+    }
+    if !closed.is_empty() {
+        eprintln!("nudge-bench: warning: reading connections closed during the run: {}", describe(&closed));
+    }
+    if unmatched > 0 {
+        eprintln!("nudge-bench: {unmatched} event frames with ids this run did not write (ignored)");
+    }
+    if early > 0 {
+        // Targeted and topic: nudge delivered before the COMMIT's reply reached the writer. Wakeup: another
+        // wakeup's claim pass took the row before its own wakeup was sent.
+        eprintln!("nudge-bench: {early} deliveries arrived before their reference time (counted as 0 ms)");
+    }
+    let stalled_not_connected = (args.stalled as u64).saturating_sub(stalled_connected);
+    if stalled_not_connected > 0 {
+        stalled_outcomes.insert("failed to connect".into(), stalled_not_connected);
+    }
+    let stalled_outcome = if args.stalled == 0 { "none".to_owned() } else { describe(&stalled_outcomes) };
+
+    let window_s = |start_us: u64, min_s: f64| (last_recv_us.saturating_sub(start_us) as f64 / 1e6).max(min_s);
+    let (events, events_per_s, expected, deliveries_per_s) = match args.mode {
+        Mode::Saturate => {
+            // Each connection was due every id up to the last it received: the ones it lacks below that are the
+            // gaps, i.e. lost. The ceiling stops sending at its own deadline, wherever each connection is, so a
+            // connection that ends lower than the others has a short tail, not a loss.
+            let window = window_s(produced.window_start_us, 0.0).max(1e-9);
+            (seq_max, seq_max as f64 / window, seq_last_sum, delivered as f64 / window)
+        }
+        Mode::Produce => (produced.events, produced.events_per_s, 0, 0.0),
+        _ => {
+            let window = window_s(produced.window_start_us, produced.window_min_s).max(1e-9);
+            (produced.events, produced.events_per_s, produced.expected, delivered as f64 / window)
+        }
+    };
+    let lost = match args.mode {
+        Mode::Saturate => expected.saturating_sub(seq_unique),
+        _ => expected.saturating_sub(delivered),
+    };
+    Ok(json!({
+        "nodes": args.urls.len(),
+        "mode": format!("{:?}", args.mode).to_lowercase(),
+        "connections": connected,
+        "connection_failures": failed,
+        "handshakes_per_s": if connect_secs > 0.0 { connected as f64 / connect_secs } else { 0.0 },
+        "workers": workers,
+        "source_ips": args.source_ips,
+        "writers": args.writers,
+        "target_rate": args.rate,
+        "events": events,
+        "events_per_s": events_per_s,
+        "deliveries_expected": expected,
+        "deliveries": delivered,
+        "deliveries_per_s": deliveries_per_s,
+        "lost": lost,
+        "duplicated": duplicated,
+        "stalled": args.stalled,
+        "stalled_outcome": stalled_outcome,
+        "latency_ms": {
+            "p50": percentile_ms(&latency, 0.50),
+            "p90": percentile_ms(&latency, 0.90),
+            "p99": percentile_ms(&latency, 0.99),
+            "max": percentile_ms(&latency, 1.0),
+        },
+        "latency_histogram_ms": log_buckets_ms(&latency).into_iter().map(|(b, c)| json!([b, c])).collect::<Vec<_>>(),
+        "server_rss_kib_before": rss_before_kib,
+        "server_rss_kib": rss_kib,
+        "server_rss_kib_per_connection": rss_kib.saturating_sub(rss_before_kib) as f64 / connected.max(1) as f64,
+        "server_cpu_s": cpu_after - cpu_before,
+    }))
+}
+
+/// Send one wakeup through the first worker that has a reading connection.
+async fn wakeup_any(handles: &mut [Handle], readies: &[Ready]) -> Result<(), String> {
+    let i = readies
+        .iter()
+        .position(|r| r.connected > r.stalled_connected)
+        .ok_or("no reading connection to send the wakeup on")?;
+    handles[i].wakeup().await
+}
+
+/// "2 closed by server with code 1013, 1 still open".
+fn describe(counts: &BTreeMap<String, u64>) -> String {
+    counts.iter().map(|(what, n)| format!("{n} {what}")).collect::<Vec<_>>().join(", ")
+}
