@@ -56,8 +56,7 @@ pub async fn run(
         migrate,
     } = config;
     let pool = db::pool(&database, pool_size)?;
-    let listener =
-        tokio::net::TcpListener::bind(listen).await.map_err(|source| StartError::Listen { addr: listen, source })?;
+    let listener = bind(listen).map_err(|source| StartError::Listen { addr: listen, source })?;
     let local = listener.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?;
 
     let (trigger, shutdown) = shutdown::channel();
@@ -121,6 +120,18 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Pending connections the kernel queues before `accept`. The default of 128 overflowed when thousands of
+/// clients reconnected at once: each overflow is a dropped SYN, retried by the client after a full second.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    // As std's bind does: a restarted nudge can listen again while old connections sit in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// How this node appears in `nudge.nodes`.
