@@ -156,6 +156,28 @@ pub struct EventFrame<'a> {
     pub data: &'a RawValue,
 }
 
+/// Append one unmasked, final WebSocket text frame (server to client, RFC 6455 section 5.2) to `out`.
+///
+/// Event frames are encoded here rather than by tungstenite so that a connection writes a whole batch of them
+/// with one `write()`: tungstenite writes each frame as it is fed unless its write buffer is on, and that buffer
+/// keeps its capacity in every connection that ever received a burst.
+pub fn encode_text_frame(out: &mut Vec<u8>, payload: &[u8]) {
+    const FIN_TEXT: u8 = 0x81;
+    let len = payload.len();
+    out.reserve(len + 10);
+    out.push(FIN_TEXT);
+    if len < 126 {
+        out.push(len as u8);
+    } else if let Ok(len) = u16::try_from(len) {
+        out.push(126);
+        out.extend_from_slice(&len.to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,5 +216,19 @@ mod tests {
         assert!(check_topic("a b").is_err());
         assert!(check_topic(&"x".repeat(200)).is_ok());
         assert!(check_topic(&"x".repeat(201)).is_err());
+    }
+
+    #[test]
+    fn text_frames_are_encoded_exactly_as_tungstenite_encodes_them() {
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+        use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+        for len in [0, 1, 125, 126, 127, 65_535, 65_536, 70_000] {
+            let payload = "x".repeat(len);
+            let mut ours = Vec::new();
+            super::encode_text_frame(&mut ours, payload.as_bytes());
+            let mut theirs = Vec::new();
+            Frame::message(payload, OpCode::Data(Data::Text), true).format(&mut theirs).unwrap();
+            assert_eq!(ours, theirs, "payload of {len} bytes");
+        }
     }
 }
