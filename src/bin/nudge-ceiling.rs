@@ -5,6 +5,10 @@
 //! The first `wakeup` from any connection starts a broadcast of event frames with ids 1, 2, 3, … to every
 //! connection, as fast as the sockets take them, for `--duration`; then sending stops and connections stay open.
 //! nudge's fan-out is measured against this: the same frames, the same library, nothing else to do.
+//!
+//! Frames are never skipped: the broadcast waits for the slowest connection (backpressure), so a client that
+//! stops reading stops the broadcast for everyone. That is right for a ceiling driven by a generator that reads
+//! everything, and is why nudge (which closes such clients with 1013) is not built this way.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
