@@ -359,10 +359,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     async fn write_events(&mut self, first: Frame) -> Step {
         let result = tokio::time::timeout(WRITE_TIMEOUT, async {
             let Some(session) = &mut self.session else { return Ok(()) };
+            let mut frames = Vec::with_capacity(FRAMES_PER_FLUSH);
+            frames.push(first);
+            session.outbox.pop_many(&mut frames, FRAMES_PER_FLUSH - 1);
             let mut batch = Vec::new();
-            let mut next = Some(first);
-            let mut written = 0;
-            while let Some(frame) = next.take() {
+            for frame in frames {
                 // At or below last_sent_seq: a resume replay already wrote it.
                 if frame.seq > session.last_sent_seq {
                     if let (false, SentBeforeResume::Seqs(seqs)) = (session.resumed, &mut session.sent_before_resume) {
@@ -374,10 +375,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     }
                     session.last_sent_seq = frame.seq;
                     protocol::encode_text_frame(&mut batch, frame.text.as_bytes());
-                    written += 1;
-                }
-                if written < FRAMES_PER_FLUSH {
-                    next = session.outbox.try_pop();
                 }
             }
             if batch.is_empty() {

@@ -117,31 +117,42 @@ impl Hub {
         let mut blocked: HashMap<ConnId, (Arc<Outbox>, Vec<Frame>)> = HashMap::new();
         {
             let maps = self.read();
-            for event in events {
-                let frame = encode(event);
-                let mut push = |id: &ConnId| {
-                    if let Some((_, waiting)) = blocked.get_mut(id) {
-                        // Behind earlier frames that are waiting: keep the order.
-                        waiting.push(frame.clone());
-                        return;
+            let mut push = |id: &ConnId, frames: &[Frame]| {
+                if let Some((_, waiting)) = blocked.get_mut(id) {
+                    // Behind earlier frames that are waiting: keep the order.
+                    waiting.extend_from_slice(frames);
+                    return;
+                }
+                let Some(outbox) = maps.outboxes.get(id) else { return };
+                // Err is only Closed: the connection is on its way out.
+                if let Ok(queued) = outbox.try_push_many(frames) {
+                    routed.delivered += queued as u64;
+                    if queued < frames.len() {
+                        blocked.insert(*id, (outbox.clone(), frames[queued..].to_vec()));
                     }
-                    let Some(outbox) = maps.outboxes.get(id) else { return };
-                    match outbox.try_push(frame.clone()) {
-                        Ok(()) => routed.delivered += 1,
-                        Err(PushError::Full(frame)) => {
-                            blocked.insert(*id, (outbox.clone(), vec![frame]));
-                        }
-                        // The connection is on its way out.
-                        Err(PushError::Closed) => {}
-                    }
-                };
+                }
+            };
+            let mut rest = events;
+            while let Some(event) = rest.first() {
                 match &event.recipients {
                     Some(users) => {
+                        let frame = [encode(event)];
                         for user in users {
-                            maps.by_user.get(user.as_str()).into_iter().flatten().for_each(&mut push);
+                            for id in maps.by_user.get(user.as_str()).into_iter().flatten() {
+                                push(id, &frame);
+                            }
                         }
+                        rest = &rest[1..];
                     }
-                    None => maps.by_topic.get(event.topic.as_str()).into_iter().flatten().for_each(&mut push),
+                    None => {
+                        // A run of events on one topic goes to each subscriber with one lock and one wake-up.
+                        let run = rest.iter().take_while(|e| e.recipients.is_none() && e.topic == event.topic).count();
+                        let frames: Vec<Frame> = rest[..run].iter().map(encode).collect();
+                        for id in maps.by_topic.get(event.topic.as_str()).into_iter().flatten() {
+                            push(id, &frames);
+                        }
+                        rest = &rest[run..];
+                    }
                 }
             }
             if let Some(last) = events.last() {

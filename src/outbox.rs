@@ -64,6 +64,23 @@ impl Outbox {
         Ok(())
     }
 
+    /// Queue as many of `frames` as fit, in order, with one lock and one wake-up; returns how many were queued.
+    /// `Err(Closed)` if the outbox is closed. (A topic event batch goes to each subscriber this way.)
+    pub fn try_push_many(&self, frames: &[Frame]) -> Result<usize, PushError> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(PushError::Closed);
+        }
+        let room = self.capacity.saturating_sub(state.frames.len());
+        let queued = frames.len().min(room);
+        state.frames.extend(frames[..queued].iter().cloned());
+        drop(state);
+        if queued > 0 {
+            self.queued.notify_one();
+        }
+        Ok(queued)
+    }
+
     /// Queue a frame, waiting for room until `deadline`. `Err(Full)` means the reader did not make room in time.
     pub async fn push_until(&self, mut frame: Frame, deadline: Instant) -> Result<(), PushError> {
         loop {
@@ -91,6 +108,21 @@ impl Outbox {
             self.room.notify_one();
         }
         frame
+    }
+
+    /// Move up to `max` queued frames into `into`, with one lock and one wake-up; returns how many.
+    pub fn pop_many(&self, into: &mut Vec<Frame>, max: usize) -> usize {
+        let mut state = self.lock();
+        let n = state.frames.len().min(max);
+        into.extend(state.frames.drain(..n));
+        if state.frames.is_empty() && state.frames.capacity() > KEEP_CAPACITY {
+            state.frames = VecDeque::new();
+        }
+        drop(state);
+        if n > 0 {
+            self.room.notify_one();
+        }
+        n
     }
 
     /// The next frame, waiting for one; `None` once the outbox is closed and drained.
@@ -140,6 +172,20 @@ mod tests {
         assert_eq!(outbox.pop().await.map(|f| f.seq), Some(1));
         assert_eq!(outbox.pop().await.map(|f| f.seq), Some(2));
         assert_eq!(outbox.pop().await.map(|f| f.seq), None);
+    }
+
+    #[tokio::test]
+    async fn many_at_once_queue_what_fits_in_order_and_pop_in_order() {
+        let outbox = Outbox::new(3);
+        assert_eq!(outbox.try_push(frame(1)), Ok(()));
+        assert_eq!(outbox.try_push_many(&[frame(2), frame(3), frame(4)]), Ok(2));
+        let mut popped = Vec::new();
+        assert_eq!(outbox.pop_many(&mut popped, 2), 2);
+        assert_eq!(outbox.try_push_many(&[frame(4)]), Ok(1));
+        assert_eq!(outbox.pop_many(&mut popped, 10), 2);
+        assert_eq!(popped.iter().map(|f| f.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        outbox.close();
+        assert_eq!(outbox.try_push_many(&[frame(5)]), Err(PushError::Closed));
     }
 
     #[tokio::test]
