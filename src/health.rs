@@ -47,9 +47,47 @@ impl Readiness {
     }
 }
 
+/// Upper bounds of `nudge_claim_duration_seconds`' buckets: from a fast claim on an idle database (sub-millisecond)
+/// to a 1,000-row claim on a busy one.
+const CLAIM_BUCKETS: [f64; 11] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+
+/// A fixed-bucket histogram, lock-free: how long claim statements take, seen from nudge (one round trip).
+#[derive(Default)]
+pub struct ClaimDurations {
+    /// Per bucket, not cumulative (the rendering accumulates); the last slot is "above the last bound".
+    counts: [AtomicU64; CLAIM_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl ClaimDurations {
+    pub fn record(&self, took: std::time::Duration) {
+        let seconds = took.as_secs_f64();
+        let bucket = CLAIM_BUCKETS.iter().position(|&le| seconds <= le).unwrap_or(CLAIM_BUCKETS.len());
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String) {
+        let name = "nudge_claim_duration_seconds";
+        let _ = writeln!(out, "# HELP {name} Claim statements, from sending to the last row (one round trip).");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, count) in self.counts.iter().enumerate() {
+            cumulative += count.load(Ordering::Relaxed);
+            match CLAIM_BUCKETS.get(i) {
+                Some(le) => _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}"),
+                None => _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}"),
+            }
+        }
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+    }
+}
+
 /// Counters since start. Relaxed atomics: they are statistics, not synchronization.
 #[derive(Default)]
 pub struct Metrics {
+    pub claim_durations: ClaimDurations,
     pub claim_passes: AtomicU64,
     /// Times this node held the wake gate's `awake` lock (producers skipped NOTIFY meanwhile).
     pub awake_periods: AtomicU64,
@@ -90,10 +128,38 @@ impl Metrics {
         );
         counter("nudge_events_deleted_total", "Processed events deleted by retention.", get(&self.deleted));
         counter("nudge_connections_opened_total", "Authenticated connections opened.", get(&self.connections_opened));
+        self.claim_durations.render(&mut out);
         let _ = writeln!(
             out,
             "# HELP nudge_connections Authenticated connections open now.\n# TYPE nudge_connections gauge\nnudge_connections {connections}"
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn claim_durations_render_as_a_cumulative_prometheus_histogram() {
+        let durations = ClaimDurations::default();
+        durations.record(Duration::from_micros(300));
+        durations.record(Duration::from_millis(3));
+        durations.record(Duration::from_secs(2));
+        let mut out = String::new();
+        durations.render(&mut out);
+        for line in [
+            "nudge_claim_duration_seconds_bucket{le=\"0.0005\"} 1",
+            "nudge_claim_duration_seconds_bucket{le=\"0.002\"} 1",
+            "nudge_claim_duration_seconds_bucket{le=\"0.005\"} 2",
+            "nudge_claim_duration_seconds_bucket{le=\"1\"} 2",
+            "nudge_claim_duration_seconds_bucket{le=\"+Inf\"} 3",
+            "nudge_claim_duration_seconds_sum 2.0033",
+            "nudge_claim_duration_seconds_count 3",
+        ] {
+            assert!(out.lines().any(|l| l == line), "missing {line:?} in:\n{out}");
+        }
     }
 }

@@ -195,8 +195,10 @@ impl Relay {
         let mut total = 0;
         loop {
             let tell_others = self.others_alive.load(Ordering::Relaxed);
+            let started = Instant::now();
             let claimed =
                 events::claim_batch(&self.pool, self.settings.claim_batch, self.settings.max_age, tell_others).await?;
+            self.metrics.claim_durations.record(started.elapsed());
             total += claimed.claimed;
             self.metrics.claimed.fetch_add(claimed.claimed as u64, Ordering::Relaxed);
             self.metrics.expired.fetch_add(claimed.expired as u64, Ordering::Relaxed);

@@ -231,6 +231,7 @@ async fn metrics_count_connections_and_deliveries() {
     eventually!(SOON, "/metrics to change after a connection and a delivery", nudge.get("/metrics").await.1 != before);
     let (_, after) = nudge.get("/metrics").await;
     assert!(nudge.metric("nudge_claim_passes_total").await >= 1.0, "{after}");
+    assert!(nudge.metric("nudge_claim_duration_seconds_count").await >= 1.0, "{after}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
