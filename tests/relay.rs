@@ -176,6 +176,7 @@ async fn backlog_of_10000_rows_is_delivered_in_order_after_a_wakeup() {
 
     // Without the trigger nothing wakes nudge (poll interval is 1h). Skipped for this session only: an ALTER TABLE
     // would lock the table, and a claim pass still waiting on that lock would see the rows.
+    nudge.wait_idle().await;
     pg.batch_execute("SET session_replication_role = replica").await.unwrap();
     let ids = insert_many(&pg, "backlog", 10_000).await;
     alice.expect_silence(SILENCE).await;
@@ -323,7 +324,8 @@ async fn row_inserted_without_notify_is_delivered_after_a_client_wakeup() {
     let mut bob = authed(&nudge, "bob", &["*"]).await;
     let pg = db.client().await;
 
-    // The trigger skipped for this session only (see the backlog test).
+    // The trigger skipped for this session only (see the backlog test), once the claims of nudge's start are over.
+    nudge.wait_idle().await;
     pg.batch_execute("SET session_replication_role = replica").await.unwrap();
     let id = insert_event(&pg, "post:1", "k", "{}").await;
     alice.expect_silence(SILENCE).await;

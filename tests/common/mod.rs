@@ -437,6 +437,26 @@ impl Nudge {
         parse_metric(&body, name).unwrap_or(0.0)
     }
 
+    /// Wait until no claim pass is running or about to run: the passes a start triggers (LISTEN connect, the
+    /// poll's first tick) have finished and no new one started for 100 ms. Claim statements are counted when
+    /// they return, passes when they start, so "count >= passes" means none is in flight.
+    pub async fn wait_idle(&self) {
+        let deadline = Instant::now() + SOON;
+        loop {
+            assert!(Instant::now() < deadline, "nudge never went idle:\n{}", self.log());
+            let passes = self.metric("nudge_claim_passes_total").await;
+            let done = self.metric("nudge_claim_duration_seconds_count").await;
+            if passes >= 1.0 && done >= passes {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if self.metric("nudge_claim_passes_total").await == passes {
+                    return;
+                }
+            } else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
