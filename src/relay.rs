@@ -39,7 +39,7 @@ pub struct Relay {
     /// "Rows may be claimed past our cursor": NOTIFY nudge_claimed, our own claims, poll, LISTEN (re)connect.
     pub deliveries: Arc<DeliveryWakeups>,
     /// Whether another live node may need our NOTIFY nudge_claimed. Starts true; heartbeats correct it, and
-    /// any node's heartbeat announcement sets it (db::listen).
+    /// another node's heartbeat announcement sets it (db::listen).
     pub others_alive: Arc<AtomicBool>,
     /// The direct session config (never PgBouncer) for the wake gate's session-level lock.
     pub gate_database: tokio_postgres::Config,
@@ -100,20 +100,35 @@ impl Relay {
                 }
                 Ok(None) => return,
                 Err(e) => {
-                    tracing::warn!("claim pass failed: {e}");
-                    self.readiness.set_error(e.to_string());
                     // A broken gate session has released `awake`; either way producers may have skipped their
                     // NOTIFY for us, so settle. An idle node asked nothing of anyone and stays idle.
                     if phase != Phase::Idle {
                         gate = None;
                         phase = Phase::Settling;
                     }
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff.next_delay()) => self.claims.wake(),
-                        _ = shutdown.triggered() => return,
+                    if !self.pause_after_failure("claim", &e, &mut backoff, &mut shutdown).await {
+                        return;
                     }
+                    self.claims.wake();
                 }
             }
+        }
+    }
+
+    /// After a failed pass: report it, then pause with backoff. The caller then retries even if nobody wakes
+    /// it, since the work is still there. False if shutdown came first.
+    async fn pause_after_failure(
+        &self,
+        what: &str,
+        error: &(dyn std::fmt::Display + Sync),
+        backoff: &mut Backoff,
+        shutdown: &mut Shutdown,
+    ) -> bool {
+        tracing::warn!("{what} pass failed: {error}");
+        self.readiness.set_error(error.to_string());
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => true,
+            _ = shutdown.triggered() => false,
         }
     }
 
@@ -233,12 +248,10 @@ impl Relay {
             match self.delivery_pass().await {
                 Ok(()) => backoff.reset(),
                 Err(e) => {
-                    tracing::warn!("delivery pass failed: {e}");
-                    self.readiness.set_error(e.to_string());
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff.next_delay()) => self.deliveries.look(),
-                        _ = shutdown.triggered() => return,
+                    if !self.pause_after_failure("delivery", &e, &mut backoff, &mut shutdown).await {
+                        return;
                     }
+                    self.deliveries.look();
                 }
             }
         }

@@ -14,6 +14,11 @@ const NOTIFIED_IN_THIS_TRANSACTION: &str = "SELECT EXISTS (SELECT 1 FROM pg_lock
 const AWAKE_HOLDERS: &str = "SELECT count(*) FROM pg_locks \
      WHERE locktype = 'advisory' AND classid = 28277 AND objid = 1684497665 AND mode = 'ExclusiveLock'";
 
+/// Sessions holding `awake` exclusively: 1 while a node claims in a loop, 0 otherwise.
+async fn awake_holders(pg: &tokio_postgres::Client) -> i64 {
+    pg.query_one(AWAKE_HOLDERS, &[]).await.unwrap().get(0)
+}
+
 /// One node, and alice subscribed to `gate` on it.
 async fn node_with_alice(db: &TestDb) -> (Nudge, Ws) {
     let nudge = Nudge::start(&db.url, &[]).await;
@@ -94,9 +99,7 @@ async fn nudge_stops_holding_awake_once_rows_stop() {
     let ids = insert_many(&pg, "gate", 2_000).await;
     assert_eq!(alice.recv_event_ids(ids.len(), SOON).await, ids);
     assert!(nudge.metric("nudge_awake_periods_total").await >= 1.0);
-    eventually!(SOON, "nudge to release `awake`", {
-        pg.query_one(AWAKE_HOLDERS, &[]).await.unwrap().get::<_, i64>(0) == 0
-    });
+    eventually!(SOON, "nudge to release `awake`", awake_holders(&pg).await == 0);
     // Idle again: the next producer NOTIFYs and is delivered.
     let id = insert_event(&pg, "gate", "k", "{}").await;
     assert_eq!(alice.recv_type("event").await["id"], id);
@@ -187,7 +190,7 @@ async fn a_node_frozen_while_awake_loses_awake_within_its_lease() {
         assert!(Instant::now() < deadline, "never froze nudge while awake");
         ids.extend(insert_many(&pg, "gate", 50).await);
         signal(nudge.pid(), "STOP");
-        if pg.query_one(AWAKE_HOLDERS, &[]).await.unwrap().get::<_, i64>(0) == 1 {
+        if awake_holders(&pg).await == 1 {
             break;
         }
         signal(nudge.pid(), "CONT");
@@ -195,9 +198,7 @@ async fn a_node_frozen_while_awake_loses_awake_within_its_lease() {
     let frozen = Instant::now();
 
     // PostgreSQL ends the frozen node's gate session: producers take the NOTIFY branch again.
-    eventually!(Duration::from_secs(5), "`awake` released while the node is frozen", {
-        pg.query_one(AWAKE_HOLDERS, &[]).await.unwrap().get::<_, i64>(0) == 0
-    });
+    eventually!(Duration::from_secs(5), "`awake` released while the node is frozen", awake_holders(&pg).await == 0);
     let released_after = frozen.elapsed();
     let tx = producer.transaction().await.unwrap();
     let (id, notified) = insert_in(&tx).await;

@@ -30,8 +30,8 @@ const AWAKE_LEASE: Duration = Duration::from_millis(250);
 const KEEPALIVE: Duration = Duration::from_millis(50);
 
 pub struct Gate {
-    /// Shared with the keepalive task; dropping the gate (and so the session) ends the session and its lock.
-    client: Arc<Session>,
+    /// Shared with the keepalive task; dropping the gate (and the task) ends the session and its lock.
+    session: Arc<Session>,
     /// Renews the lease while `awake` is held.
     keepalive: Option<tokio::task::JoinHandle<()>>,
 }
@@ -43,7 +43,7 @@ impl Gate {
         config.application_name("nudge-gate");
         let session = Session::connect(&config).await?;
         session.batch_execute(&format!("SET lock_timeout = {}", AWAKE_WAIT.as_millis())).await?;
-        Ok(Gate { client: Arc::new(session), keepalive: None })
+        Ok(Gate { session: Arc::new(session), keepalive: None })
     }
 
     /// Try to become the awake relay. False when the wait ran out (another node is awake, or a producer's
@@ -51,21 +51,21 @@ impl Gate {
     /// asked: the caller must settle afterwards.
     pub async fn hold_awake(&mut self) -> Result<bool, tokio_postgres::Error> {
         let begin = format!("BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}", AWAKE_LEASE.as_millis());
-        self.client.batch_execute(&begin).await?;
-        match self.client.query_typed("SELECT pg_advisory_xact_lock($1)", &[(&AWAKE, Type::INT8)]).await {
+        self.session.batch_execute(&begin).await?;
+        match self.session.query_typed("SELECT pg_advisory_xact_lock($1)", &[(&AWAKE, Type::INT8)]).await {
             Ok(_) => {}
             Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-                self.client.batch_execute("ROLLBACK").await?;
+                self.session.batch_execute("ROLLBACK").await?;
                 return Ok(false);
             }
             Err(e) => return Err(e),
         }
-        let client = self.client.clone();
+        let session = self.session.clone();
         self.keepalive = Some(tokio::spawn(async move {
             let mut tick = tokio::time::interval(KEEPALIVE);
             loop {
                 tick.tick().await;
-                if client.batch_execute("SELECT 1").await.is_err() {
+                if session.batch_execute("SELECT 1").await.is_err() {
                     return;
                 }
             }
@@ -78,7 +78,7 @@ impl Gate {
         if let Some(keepalive) = self.keepalive.take() {
             keepalive.abort();
         }
-        self.client.batch_execute("COMMIT").await
+        self.session.batch_execute("COMMIT").await
     }
 }
 

@@ -2,9 +2,10 @@
 //! `nudge` (the insert trigger: rows are pending, claim them), `nudge_claimed` (some node claimed rows: read
 //! past the cursor) and `nudge_nodes` (a node's heartbeat: someone else may need our `nudge_claimed`).
 //!
-//! A notification only means "look": its payload is ignored, and the passes find out what there is. That is why
-//! a lost notification (the connection was down) costs nothing but latency: every (re)connect wakes both loops
-//! at once, and the fallback poll covers the rest.
+//! A notification only means "look": the passes find out what there is. Payloads are hints at most (the last
+//! seq a claim handed out, so a node reads only when someone else claimed; the announcing node's id). That is
+//! why a lost notification (the connection was down) costs nothing but latency: every (re)connect wakes both
+//! loops at once, and the fallback poll covers the rest.
 
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -33,8 +33,14 @@ pub async fn heartbeat(
              VALUES ($1, $2, now(), now(), $3, $4) \
              ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), address = EXCLUDED.address, \
              connections = EXCLUDED.connections, cursor = EXCLUDED.cursor RETURNING id) \
-             SELECT pg_notify('nudge_nodes', id) FROM me",
-            &[(&id, Type::TEXT), (&address, Type::TEXT), (&connections, Type::INT4), (&cursor, Type::INT8)],
+             SELECT pg_notify($5, id) FROM me",
+            &[
+                (&id, Type::TEXT),
+                (&address, Type::TEXT),
+                (&connections, Type::INT4),
+                (&cursor, Type::INT8),
+                (&ANNOUNCE, Type::TEXT),
+            ],
         )
         .await?;
     client
