@@ -121,6 +121,11 @@ pub struct Options {
     #[arg(long, env = "NUDGE_CLAIM_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=100_000), global = true)]
     pub claim_batch: i64,
 
+    /// Producer transactions per second from which a node claims in a loop and producers skip their NOTIFY
+    /// (the wake gate); below it every inserting transaction NOTIFYs.
+    #[arg(long, env = "NUDGE_AWAKE_ABOVE", default_value_t = 2500, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub awake_above: u32,
+
     /// How long processed rows are kept before they are deleted.
     #[arg(long, env = "NUDGE_RETENTION", default_value = "1h", value_parser = duration, global = true)]
     pub retention: Duration,
@@ -197,6 +202,8 @@ pub struct ConnectionLimits {
 pub struct RelaySettings {
     pub poll_interval: Duration,
     pub claim_batch: i64,
+    /// Producer transactions per second from which the claim loop holds the wake gate (relay.rs, `Flow`).
+    pub awake_above: f64,
     pub retention: Duration,
     pub max_age: Duration,
 }
@@ -299,6 +306,7 @@ impl Options {
             relay: RelaySettings {
                 poll_interval: self.poll_interval,
                 claim_batch: self.claim_batch,
+                awake_above: f64::from(self.awake_above),
                 retention: self.retention,
                 max_age: self.max_age,
             },

@@ -3,7 +3,7 @@
 //! - **Claims** (`run_claims`): woken by NOTIFY nudge (an INSERT), a client's `wakeup`, or the poll. One pass at
 //!   a time claims pending rows in batches and gives them a cluster-wide `seq` (see `db::events`). It routes
 //!   nothing itself: it hands its batches to this node's delivery loop, and every other node reads them. While
-//!   rows flow faster than a claim round trip it stays awake and claims in a loop, and producers skip their
+//!   producers commit fast (`--awake-above`) it stays awake and claims in a loop, and producers skip their
 //!   NOTIFY (the wake gate, `Phase` below and sql/0003_wake_gate.sql).
 //! - **Deliveries** (`run_deliveries`): woken by NOTIFY nudge_claimed (any node's claim), this node's own claims,
 //!   or the poll. It routes this node's own fresh batches when they continue its cursor, otherwise reads claimed
@@ -50,15 +50,68 @@ pub struct Relay {
     pub settings: RelaySettings,
 }
 
-/// A claim pass that took at least this many rows means rows arrive faster than a claim round trip: stay awake
-/// and claim in a loop rather than have every producer NOTIFY (see sql/0003_wake_gate.sql).
-const FLOWING: usize = 4;
+/// An awake relay goes back to NOTIFY once the rate falls below this share of `--awake-above`: lower than the
+/// entry rate so that a flow near it does not flap, but not by much, so that a burst that woke the relay at
+/// 2,000/s does not keep it awake.
+///
+/// Why `--awake-above` defaults to 2,500 producer transactions/s: below it a NOTIFY per inserting transaction
+/// costs producers little (8 writers at 2,000/s kept their rate here) and wakes a claim sooner than a loop
+/// reaches the row: at 2,000 events/s, staying on NOTIFY cut the median COMMIT-to-client latency from about 1.55
+/// to 1.35 ms (docs/performance.md). Above it, producers' NOTIFYs serialize their commits (16 writers flat out:
+/// 0.37x plain INSERTs with a NOTIFY each, 0.67x with the gate).
+const AWAKE_BELOW_SHARE: f64 = 0.8;
+/// The rate is measured over windows at least this long: long enough to smooth a burst of commits, short enough
+/// that a flow starting is noticed within a few (transitions happen at most once per window).
+const RATE_WINDOW: Duration = Duration::from_millis(100);
 /// While awake, how soon an empty claim is retried: tokio's timer resolution, and about a claim's own cost.
 const AWAKE_POLL: Duration = Duration::from_millis(1);
 /// How long an awake relay keeps finding nothing before it goes idle.
 const LINGER: Duration = Duration::from_millis(10);
 /// While settling, polls back off up to this (a producer's transaction may stay open for a while).
 const SETTLE_POLL_MAX: Duration = Duration::from_millis(100);
+
+/// How fast producers commit: what decides whether claiming in a loop pays (see `AWAKE_BELOW_SHARE`). While idle
+/// every inserting transaction NOTIFYs, so wake-ups count transactions (a client's `wakeup` counts too); while
+/// awake they skip it, so claimed rows stand in, an upper bound (a transaction inserts one row or more).
+#[derive(Debug)]
+struct Flow {
+    /// Start of the window being counted.
+    since: Instant,
+    /// Transactions (or rows) counted since `since`.
+    count: u64,
+    /// Per second: the mean of the last complete window's rate and the value before it, so a flow must last a
+    /// few windows to count. Windows close at the first pass after they are `RATE_WINDOW` long, so a quiet spell
+    /// reads as one long, slow window. The smoothing matters when PostgreSQL is saturated: one claim can then take
+    /// 100 ms and the next catch up, and single windows swung between 1,400 and 9,900 rows/s (16 writers flat
+    /// out, here).
+    rate: f64,
+    /// `Wakeups::requested` when last counted.
+    wakeups: u64,
+}
+
+impl Flow {
+    fn new() -> Self {
+        Flow { since: Instant::now(), count: 0, rate: 0.0, wakeups: 0 }
+    }
+
+    /// Count wake-ups (idle: one per producer transaction), given the running total.
+    fn record_wakeups(&mut self, requested: u64) {
+        let new = requested.saturating_sub(self.wakeups);
+        self.wakeups = requested;
+        self.record(new);
+    }
+
+    /// Count claimed rows (awake: producers skip their NOTIFY, so there are no wake-ups to count).
+    fn record(&mut self, count: u64) {
+        let elapsed = self.since.elapsed();
+        if elapsed >= RATE_WINDOW {
+            self.rate = (self.rate + self.count as f64 / elapsed.as_secs_f64()) / 2.0;
+            self.since = Instant::now();
+            self.count = 0;
+        }
+        self.count += count;
+    }
+}
 
 /// Where the claim loop is in the wake gate's protocol (sql/0003_wake_gate.sql).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,15 +139,19 @@ impl Relay {
     pub async fn run_claims(&self, mut shutdown: Shutdown) {
         let mut phase = Phase::Idle;
         let mut gate: Option<Gate> = None;
+        let mut flow = Flow::new();
         let mut backoff = Backoff::default();
         loop {
             let next = match phase {
-                Phase::Idle => self.idle(&mut shutdown).await,
-                Phase::Awake => self.awake(&mut gate, &mut shutdown).await,
-                Phase::Settling => self.settle(&mut shutdown).await,
+                Phase::Idle => self.idle(&mut flow, &mut shutdown).await,
+                Phase::Awake => self.awake(&mut flow, &mut gate, &mut shutdown).await,
+                Phase::Settling => self.settle(&mut flow, &mut shutdown).await,
             };
             match next {
                 Ok(Some(next)) => {
+                    if next != phase {
+                        tracing::debug!(from = ?phase, to = ?next, rows_per_s = flow.rate as u64, "claim phase");
+                    }
                     phase = next;
                     backoff.reset();
                 }
@@ -132,20 +189,27 @@ impl Relay {
         }
     }
 
-    /// Wait for a wake-up, claim; stay awake if rows are flowing.
-    async fn idle(&self, shutdown: &mut Shutdown) -> Result<Option<Phase>, ClaimError> {
+    /// Wait for a wake-up, claim; go awake once producers commit faster than `--awake-above`.
+    async fn idle(&self, flow: &mut Flow, shutdown: &mut Shutdown) -> Result<Option<Phase>, ClaimError> {
         tokio::select! {
             biased;
             _ = shutdown.triggered() => return Ok(None),
             _ = self.claims.wait() => {}
         }
-        let claimed = self.claim_pass().await?;
-        Ok(Some(if claimed >= FLOWING { Phase::Awake } else { Phase::Idle }))
+        flow.record_wakeups(self.claims.requested());
+        self.claim_pass().await?;
+        Ok(Some(if flow.rate >= self.settings.awake_above { Phase::Awake } else { Phase::Idle }))
     }
 
-    /// Hold `awake` and claim in a loop until nothing came for `LINGER`, then release it and settle. Shutdown
-    /// drops the gate session, which releases `awake` too.
-    async fn awake(&self, gate: &mut Option<Gate>, shutdown: &mut Shutdown) -> Result<Option<Phase>, ClaimError> {
+    /// Hold `awake` and claim in a loop until nothing came for `LINGER` or the rate fell below
+    /// `AWAKE_BELOW_SHARE` of `--awake-above`, then release it and settle. Shutdown drops the gate session, which
+    /// releases `awake` too.
+    async fn awake(
+        &self,
+        flow: &mut Flow,
+        gate: &mut Option<Gate>,
+        shutdown: &mut Shutdown,
+    ) -> Result<Option<Phase>, ClaimError> {
         let session = match gate {
             Some(session) => session,
             None => match Gate::connect(&self.gate_database).await {
@@ -163,7 +227,12 @@ impl Relay {
         self.metrics.awake_periods.fetch_add(1, Ordering::Relaxed);
         let mut last_rows = Instant::now();
         loop {
-            if self.claim_pass().await? > 0 {
+            let claimed = self.claim_pass().await?;
+            flow.record(claimed as u64);
+            if flow.rate < self.settings.awake_above * AWAKE_BELOW_SHARE {
+                break;
+            }
+            if claimed > 0 {
                 last_rows = Instant::now();
                 continue;
             }
@@ -182,16 +251,18 @@ impl Relay {
     }
 
     /// Claim until, at some instant, no producer transaction is in flight; the claim after that instant sees
-    /// every row whose producer skipped its NOTIFY. Back to awake if rows are flowing again.
-    async fn settle(&self, shutdown: &mut Shutdown) -> Result<Option<Phase>, ClaimError> {
+    /// every row whose producer skipped its NOTIFY. Back to awake if rows flow fast again.
+    async fn settle(&self, flow: &mut Flow, shutdown: &mut Shutdown) -> Result<Option<Phase>, ClaimError> {
         let mut delay = AWAKE_POLL;
         loop {
             let settled = gate::producers_settled(&self.pool).await?;
-            let claimed = self.claim_pass().await?;
+            // Released: producers NOTIFY again, so count their wake-ups.
+            flow.record_wakeups(self.claims.requested());
+            self.claim_pass().await?;
             if settled {
                 return Ok(Some(Phase::Idle));
             }
-            if claimed >= FLOWING {
+            if flow.rate >= self.settings.awake_above {
                 return Ok(Some(Phase::Awake));
             }
             tokio::select! {

@@ -18,6 +18,7 @@ const OPTIONS: &[(&str, &str)] = &[
     ("--allowed-origins", "NUDGE_ALLOWED_ORIGINS"),
     ("--poll-interval", "NUDGE_POLL_INTERVAL"),
     ("--claim-batch", "NUDGE_CLAIM_BATCH"),
+    ("--awake-above", "NUDGE_AWAKE_ABOVE"),
     ("--retention", "NUDGE_RETENTION"),
     ("--max-age", "NUDGE_MAX_AGE"),
     ("--max-connections", "NUDGE_MAX_CONNECTIONS"),
@@ -131,6 +132,15 @@ fn bad_duration_flag_is_a_configuration_error() {
         &[("NUDGE_DATABASE_URL", &unreachable_url()), ("NUDGE_JWT_SECRET", SECRET)],
         &["serve", "--auth-timeout", "10 parsecs"],
     );
+}
+
+#[test]
+fn an_awake_rate_of_zero_is_a_configuration_error() {
+    let err = assert_config_error(
+        &[("NUDGE_DATABASE_URL", &unreachable_url()), ("NUDGE_JWT_SECRET", SECRET), ("NUDGE_AWAKE_ABOVE", "0")],
+        &[],
+    );
+    assert!(err.contains("awake-above"), "{err}");
 }
 
 #[test]

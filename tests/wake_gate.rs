@@ -1,5 +1,6 @@
 //! The wake gate (sql/0003_wake_gate.sql): producers skip their NOTIFY while a node claims in a loop, and no row
-//! is ever left for the fallback poll (which every test here sets to 1 h).
+//! is ever left for the fallback poll (which every test here sets to 1 h). Nodes here go awake from 50 producer
+//! transactions a second (`NUDGE_AWAKE_ABOVE`), a rate a test producer reaches on any machine.
 mod common;
 
 use std::time::Duration;
@@ -12,16 +13,23 @@ use tokio::time::Instant;
 const NOTIFIED_IN_THIS_TRANSACTION: &str = "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() \
      AND locktype = 'advisory' AND classid = 28277 AND objid = 1684497665 AND objsubid = 1)";
 const AWAKE_HOLDERS: &str = "SELECT count(*) FROM pg_locks \
-     WHERE locktype = 'advisory' AND classid = 28277 AND objid = 1684497665 AND mode = 'ExclusiveLock'";
+     WHERE locktype = 'advisory' AND classid = 28277 AND objid = 1684497665 AND mode = 'ExclusiveLock' AND granted";
 
 /// Sessions holding `awake` exclusively: 1 while a node claims in a loop, 0 otherwise.
 async fn awake_holders(pg: &tokio_postgres::Client) -> i64 {
     pg.query_one(AWAKE_HOLDERS, &[]).await.unwrap().get(0)
 }
 
-/// One node, and alice subscribed to `gate` on it.
+/// The awake rate the nodes here run with.
+const AWAKE_ABOVE: (&str, &str) = ("NUDGE_AWAKE_ABOVE", "50");
+
+/// One node (awake from `AWAKE_ABOVE`), and alice subscribed to `gate` on it.
 async fn node_with_alice(db: &TestDb) -> (Nudge, Ws) {
-    let nudge = Nudge::start(&db.url, &[]).await;
+    node_with_alice_and(db, &[AWAKE_ABOVE]).await
+}
+
+async fn node_with_alice_and(db: &TestDb, env: &[(&str, &str)]) -> (Nudge, Ws) {
+    let nudge = Nudge::start(&db.url, env).await;
     let mut alice = authed(&nudge, "alice", &["*"]).await;
     alice.subscribe("gate").await;
     (nudge, alice)
@@ -96,13 +104,42 @@ async fn nudge_stops_holding_awake_once_rows_stop() {
     let (nudge, mut alice) = node_with_alice(&db).await;
     let pg = db.client().await;
 
-    let ids = insert_many(&pg, "gate", 2_000).await;
+    // A flow of transactions faster than the awake rate makes nudge claim in a loop.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut ids = Vec::new();
+    while awake_holders(&pg).await == 0 {
+        assert!(Instant::now() < deadline, "a fast flow never made nudge hold `awake`");
+        ids.extend(insert_many(&pg, "gate", 50).await);
+    }
     assert_eq!(alice.recv_event_ids(ids.len(), SOON).await, ids);
-    assert!(nudge.metric("nudge_awake_periods_total").await >= 1.0);
+    // (The lock is visible in pg_locks a moment before nudge counts the period.)
+    eventually!(SOON, "the awake period counted", nudge.metric("nudge_awake_periods_total").await >= 1.0);
     eventually!(SOON, "nudge to release `awake`", awake_holders(&pg).await == 0);
     // Idle again: the next producer NOTIFYs and is delivered.
     let id = insert_event(&pg, "gate", "k", "{}").await;
     assert_eq!(alice.recv_type("event").await["id"], id);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn below_the_default_awake_rate_every_producer_notifies() {
+    let db = TestDb::new().await;
+    let (nudge, mut alice) = node_with_alice_and(&db, &[]).await;
+    let mut producer = db.client().await;
+
+    // At most 300 transactions a second, an eighth of the default awake rate (2,500/s), with 2,000 rows in one
+    // transaction among them: that counts as one transaction, not 2,000.
+    let pg = db.client().await;
+    let mut ids = insert_many(&pg, "gate", 2_000).await;
+    for _ in 0..300 {
+        let tx = producer.transaction().await.unwrap();
+        let (id, notified) = insert_in(&tx).await;
+        tx.commit().await.unwrap();
+        assert!(notified, "a producer skipped its NOTIFY at a trickle (row {id})");
+        ids.push(id);
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    assert_eq!(alice.recv_event_ids(ids.len(), SOON).await, ids);
+    assert_eq!(nudge.metric("nudge_awake_periods_total").await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
