@@ -241,6 +241,9 @@ async fn check_constraints_refuse_bad_rows_by_name() {
         ("INSERT INTO nudge.events (topic, kind) VALUES ('post 42', 'k')".into(), "events_topic_format"),
         ("INSERT INTO nudge.events (topic, kind) VALUES (E'post\\t42', 'k')".into(), "events_topic_format"),
         ("INSERT INTO nudge.events (topic, kind) VALUES (E'post42\\n', 'k')".into(), "events_topic_format"),
+        ("INSERT INTO nudge.events (topic, kind) VALUES (E'\\rpost42', 'k')".into(), "events_topic_format"),
+        // Characters, not bytes: 201 two-byte characters are too many.
+        (format!("INSERT INTO nudge.events (topic, kind) VALUES ('{}', 'k')", "é".repeat(201)), "events_topic_format"),
         ("INSERT INTO nudge.events (topic, kind) VALUES ('t', '')".into(), "events_kind_length"),
         (format!("INSERT INTO nudge.events (topic, kind) VALUES ('t', '{long_kind}')"), "events_kind_length"),
         ("INSERT INTO nudge.events (topic, kind, data) VALUES ('t', 'k', '[1]')".into(), "events_data_object"),
@@ -277,8 +280,12 @@ async fn check_constraints_refuse_bad_rows_by_name() {
     ))
     .await
     .expect("a row at the limits is accepted");
+    let wide_topic = "é".repeat(200);
+    pg.batch_execute(&format!("INSERT INTO nudge.events (topic, kind) VALUES ('{wide_topic}', 'k')"))
+        .await
+        .expect("200 two-byte characters are a valid topic");
     let n: i64 = pg.query_one("SELECT count(*) FROM nudge.events", &[]).await.unwrap().get(0);
-    assert_eq!(n, 1);
+    assert_eq!(n, 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
