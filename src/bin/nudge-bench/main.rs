@@ -81,6 +81,11 @@ pub struct Args {
     /// Concurrent producer connections.
     #[arg(long, default_value_t = 4)]
     writers: usize,
+    /// Events per INSERT statement (its own transaction) in targeted and topic modes: 1 is one row per commit, as
+    /// most backends write; more is a backend that writes several events in one transaction, which takes the
+    /// producers' commit rate out of a fan-out or throughput measurement.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    batch: u32,
     /// How long to wait for the last deliveries after producing stops.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     grace: Duration,
@@ -372,6 +377,7 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
             let setup = Writers {
                 database_url,
                 writers: args.writers.max(1),
+                batch: args.batch as usize,
                 rate: args.rate,
                 duration: args.duration,
                 mode: args.mode,
@@ -510,6 +516,7 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
         "workers": workers,
         "source_ips": args.source_ips,
         "writers": args.writers,
+        "batch": args.batch,
         "target_rate": args.rate,
         "events": events,
         "events_per_s": events_per_s,

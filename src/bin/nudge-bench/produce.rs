@@ -1,5 +1,5 @@
 //! The producers: writer connections INSERTing events through PostgreSQL exactly as a backend would (one row,
-//! one implicit transaction each), and the one-transaction backlog.
+//! one implicit transaction each; or `--batch` rows per statement), and the one-transaction backlog.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +16,8 @@ use crate::Mode;
 pub struct Writers {
     pub database_url: String,
     pub writers: usize,
+    /// Events per INSERT statement (targeted and topic modes).
+    pub batch: usize,
     /// Events per second over all writers; 0 = flat out.
     pub rate: f64,
     pub duration: Duration,
@@ -79,6 +81,10 @@ async fn prepare(setup: &Writers) -> Result<(Client, Statement), String> {
             "INSERT INTO {} (topic, kind, recipients, data) VALUES ('bench', 'bench.event', $1, '{{\"bench\": true}}')",
             setup.table
         ),
+        Mode::Targeted | Mode::Topic if setup.batch > 1 => "INSERT INTO nudge.events (topic, kind, recipients, data) \
+              SELECT 'bench', 'bench.event', CASE WHEN $2 THEN ARRAY[u] END, '{\"bench\": true}' \
+              FROM unnest($1::text[]) AS u RETURNING id"
+            .to_owned(),
         _ => "INSERT INTO nudge.events (topic, kind, recipients, data) \
               VALUES ('bench', 'bench.event', $1, '{\"bench\": true}') RETURNING id"
             .to_owned(),
@@ -111,8 +117,9 @@ async fn write_events(
 ) -> Result<WriterLog, String> {
     let writers = setup.writers.max(1);
     let n = setup.connections.max(1);
+    let per_tick = if matches!(setup.mode, Mode::Targeted | Mode::Topic) { setup.batch.max(1) } else { 1 };
     let mut tick = (setup.rate > 0.0).then(|| {
-        let mut tick = tokio::time::interval(Duration::from_secs_f64(writers as f64 / setup.rate));
+        let mut tick = tokio::time::interval(Duration::from_secs_f64((writers * per_tick) as f64 / setup.rate));
         // Catch up after a slow commit, so the rate over the run is the one asked for.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         tick
@@ -132,6 +139,24 @@ async fn write_events(
             Mode::Produce => {
                 let recipients = Some(vec![format!("u{recipient}")]);
                 client.execute(statement, &[&recipients]).await.map_err(|e| e.to_string())?;
+            }
+            Mode::Targeted | Mode::Topic if per_tick > 1 => {
+                // Events K, K + W, … in one statement: the users one row per statement would reach.
+                let mut batch = vec![recipient];
+                for _ in 1..per_tick {
+                    batch.push(k % n);
+                    k += writers;
+                }
+                let users: Vec<String> = batch.iter().map(|r| format!("u{r}")).collect();
+                let targeted = setup.mode == Mode::Targeted;
+                let rows = client.query(statement, &[&users, &targeted]).await.map_err(|e| e.to_string())?;
+                let committed = now_us();
+                log.commits.extend(rows.iter().map(|row| (row.get(0), committed)));
+                log.expected +=
+                    batch.iter().filter(|&&r| !targeted || !is_stalled(r, setup.connections, setup.stalled)).count()
+                        as u64;
+                log.events += rows.len() as u64;
+                continue;
             }
             Mode::Targeted | Mode::Topic => {
                 let recipients = (setup.mode == Mode::Targeted).then(|| vec![format!("u{recipient}")]);
