@@ -58,7 +58,7 @@ pub struct Relay {
 /// costs producers little (8 writers at 2,000/s kept their rate here) and wakes a claim sooner than a loop
 /// reaches the row: at 2,000 events/s, staying on NOTIFY cut the median COMMIT-to-client latency from about 1.55
 /// to 1.35 ms (docs/performance.md). Above it, producers' NOTIFYs serialize their commits (16 writers flat out:
-/// 0.37x plain INSERTs with a NOTIFY each, 0.67x with the gate).
+/// 0.49x plain INSERTs with a NOTIFY each, 0.68x with the gate, in one run).
 const AWAKE_BELOW_SHARE: f64 = 0.8;
 /// The rate is measured over windows at least this long: long enough to smooth a burst of commits, short enough
 /// that a flow starting is noticed within a few (transitions happen at most once per window).
