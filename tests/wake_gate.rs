@@ -12,8 +12,10 @@ use tokio::time::Instant;
 /// 121450474726657 shows in pg_locks as classid 0x6e75, objid 0x64676501.)
 const NOTIFIED_IN_THIS_TRANSACTION: &str = "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() \
      AND locktype = 'advisory' AND classid = 28277 AND objid = 1684497665 AND objsubid = 1)";
+/// (Advisory locks are per database, but pg_locks shows every database's: the tests here share one cluster.)
 const AWAKE_HOLDERS: &str = "SELECT count(*) FROM pg_locks \
-     WHERE locktype = 'advisory' AND classid = 28277 AND objid = 1684497665 AND mode = 'ExclusiveLock' AND granted";
+     WHERE locktype = 'advisory' AND classid = 28277 AND objid = 1684497665 AND mode = 'ExclusiveLock' AND granted \
+     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
 
 /// Sessions holding `awake` exclusively: 1 while a node claims in a loop, 0 otherwise.
 async fn awake_holders(pg: &tokio_postgres::Client) -> i64 {
