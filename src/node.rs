@@ -5,7 +5,6 @@
 //! every connection with 1001, let the claim pass in progress finish, bounded by `SHUTDOWN_GRACE`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,7 +87,7 @@ pub async fn run(
         hub,
         claims,
         deliveries,
-        others_alive: Arc::new(AtomicBool::new(true)),
+        peers: Default::default(),
         gate_database: listen_database.clone(),
         fresh: Default::default(),
         metrics,
@@ -163,7 +162,7 @@ async fn run_database_side(
     let listeners = Listeners {
         claims: relay.claims.clone(),
         deliveries: relay.deliveries.clone(),
-        others_alive: relay.others_alive.clone(),
+        peers: relay.peers.clone(),
         node_id,
     };
     tokio::spawn(db::listen::run(session_db, listeners, relay.readiness.clone(), shutdown.clone()));

@@ -13,7 +13,7 @@
 //! Invariants: one pass of each loop at a time per node; the hub sees events in seq order, so every connection
 //! receives them in that order, exactly once, on every node.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,7 +28,7 @@ use crate::db::{migrate, nodes, Backoff};
 use crate::health::{Metrics, Readiness};
 use crate::hub::Hub;
 use crate::shutdown::Shutdown;
-use crate::wake::{DeliveryWakeups, Wakeups};
+use crate::wake::{DeliveryWakeups, Peers, Wakeups};
 
 /// What the relay tasks share.
 pub struct Relay {
@@ -38,9 +38,9 @@ pub struct Relay {
     pub claims: Arc<Wakeups>,
     /// "Rows may be claimed past our cursor": NOTIFY nudge_claimed, our own claims, poll, LISTEN (re)connect.
     pub deliveries: Arc<DeliveryWakeups>,
-    /// Whether another live node may need our NOTIFY nudge_claimed. Starts true; heartbeats correct it, and
-    /// another node's heartbeat announcement sets it (db::listen).
-    pub others_alive: Arc<AtomicBool>,
+    /// Whether another live node may need our NOTIFY nudge_claimed: heartbeats and other nodes' announcements
+    /// (db::listen) decide it.
+    pub peers: Arc<Peers>,
     /// The direct session config (never PgBouncer) for the wake gate's session-level lock.
     pub gate_database: tokio_postgres::Config,
     /// Batches this node claimed, in claim order, waiting for the delivery loop (which alone routes).
@@ -280,7 +280,7 @@ impl Relay {
         self.metrics.claim_passes.fetch_add(1, Ordering::Relaxed);
         let mut total = 0;
         loop {
-            let tell_others = self.others_alive.load(Ordering::Relaxed);
+            let tell_others = self.peers.others_alive();
             let started = Instant::now();
             let claimed =
                 events::claim_batch(&self.pool, self.settings.claim_batch, self.settings.max_age, tell_others).await?;
@@ -436,8 +436,9 @@ impl Relay {
                 }
             }
             let connections = i32::try_from(self.hub.connections()).unwrap_or(i32::MAX);
+            let seen = self.peers.seen();
             match nodes::heartbeat(&self.pool, node_id, address, connections, self.hub.cursor()).await {
-                Ok(others) => self.others_alive.store(others, Ordering::Relaxed),
+                Ok(others) => self.peers.heartbeat(seen, others),
                 Err(e) => tracing::debug!("heartbeat failed: {e}"),
             }
         }

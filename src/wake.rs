@@ -70,3 +70,69 @@ impl DeliveryWakeups {
         self.look.swap(false, Ordering::AcqRel)
     }
 }
+
+/// Whether another live node may need to hear of our claims (NOTIFY nudge_claimed). A node alone skips that
+/// NOTIFY; a node that wrongly thinks it is alone leaves the others waiting for the fallback poll, so every
+/// doubt resolves to "not alone".
+///
+/// Two sources set it: this node's heartbeat query ("is any other node's row fresh?") and other nodes'
+/// announcements on the LISTEN session. They race: a node that registers just after our query looked announces
+/// itself, and its announcement may arrive before we store our query's "alone". So the heartbeat reads
+/// `announcements` before it queries, and "alone" is stored only if none arrived meanwhile.
+#[derive(Default)]
+pub struct Peers {
+    /// Other nodes' announcements seen, and the verdict; one lock so that a verdict and an announcement never
+    /// interleave. Written every few seconds per node.
+    state: std::sync::Mutex<(u64, bool)>,
+    /// The verdict again, read by every claim without the lock.
+    alone: AtomicBool,
+}
+
+impl Peers {
+    /// Another node announced itself.
+    pub fn announced(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.0 += 1;
+        state.1 = false;
+        self.alone.store(false, Ordering::Release);
+    }
+
+    /// Announcements seen so far: read before a heartbeat's query.
+    pub fn seen(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    /// A heartbeat's answer, given `seen()` from before it asked.
+    pub fn heartbeat(&self, seen_before: u64, others_alive: bool) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.1 = !others_alive && state.0 == seen_before;
+        self.alone.store(state.1, Ordering::Release);
+    }
+
+    pub fn others_alive(&self) -> bool {
+        !self.alone.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Peers;
+
+    #[test]
+    fn an_announcement_during_a_heartbeat_outlives_its_alone_answer() {
+        let peers = Peers::default();
+        assert!(peers.others_alive(), "not alone until a heartbeat says so");
+        let before = peers.seen();
+        peers.heartbeat(before, false);
+        assert!(!peers.others_alive());
+
+        let before = peers.seen();
+        peers.announced(); // a node that registered after our query looked
+        peers.heartbeat(before, false);
+        assert!(peers.others_alive(), "the heartbeat's stale answer overwrote the announcement");
+
+        let before = peers.seen();
+        peers.heartbeat(before, false);
+        assert!(!peers.others_alive(), "alone again once a whole heartbeat saw nobody");
+    }
+}

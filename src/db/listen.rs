@@ -8,7 +8,6 @@
 //! loops at once, and the fallback poll covers the rest.
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio_postgres::{AsyncMessage, NoTls};
@@ -16,7 +15,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use super::{nodes, Backoff};
 use crate::health::Readiness;
 use crate::shutdown::Shutdown;
-use crate::wake::{DeliveryWakeups, Wakeups};
+use crate::wake::{DeliveryWakeups, Peers, Wakeups};
 
 /// The channel the `events_notify` trigger notifies.
 pub const INSERTED: &str = "nudge";
@@ -28,8 +27,8 @@ const LISTEN: &str = "LISTEN nudge; LISTEN nudge_claimed; LISTEN nudge_nodes";
 pub struct Listeners {
     pub claims: Arc<Wakeups>,
     pub deliveries: Arc<DeliveryWakeups>,
-    /// Set when another node's heartbeat announcement arrives.
-    pub others_alive: Arc<AtomicBool>,
+    /// Told when another node's heartbeat announcement arrives.
+    pub peers: Arc<Peers>,
     /// Our own announcements come back to us too; they say nothing.
     pub node_id: String,
 }
@@ -83,7 +82,7 @@ async fn listen_once(
                 },
                 Some(Ok(AsyncMessage::Notification(n))) if n.channel() == nodes::ANNOUNCE => {
                     if n.payload() != wakeups.node_id {
-                        wakeups.others_alive.store(true, Ordering::Relaxed);
+                        wakeups.peers.announced();
                     }
                 }
                 Some(Ok(AsyncMessage::Notification(_))) => wakeups.claims.wake(),
