@@ -150,7 +150,7 @@ impl Relay {
             match next {
                 Ok(Some(next)) => {
                     if next != phase {
-                        tracing::debug!(from = ?phase, to = ?next, rows_per_s = flow.rate as u64, "claim phase");
+                        tracing::debug!(from = ?phase, to = ?next, per_s = flow.rate as u64, "claim phase");
                     }
                     phase = next;
                     backoff.reset();

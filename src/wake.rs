@@ -81,32 +81,30 @@ impl DeliveryWakeups {
 /// `announcements` before it queries, and "alone" is stored only if none arrived meanwhile.
 #[derive(Default)]
 pub struct Peers {
-    /// Other nodes' announcements seen, and the verdict; one lock so that a verdict and an announcement never
-    /// interleave. Written every few seconds per node.
-    state: std::sync::Mutex<(u64, bool)>,
-    /// The verdict again, read by every claim without the lock.
+    /// Other nodes' announcements seen. Its lock is held while `alone` is written, so that a verdict and an
+    /// announcement never interleave (written every few seconds per node).
+    announcements: std::sync::Mutex<u64>,
+    /// The verdict, read by every claim without the lock.
     alone: AtomicBool,
 }
 
 impl Peers {
     /// Another node announced itself.
     pub fn announced(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.0 += 1;
-        state.1 = false;
+        let mut announcements = self.announcements.lock().unwrap_or_else(|e| e.into_inner());
+        *announcements += 1;
         self.alone.store(false, Ordering::Release);
     }
 
     /// Announcements seen so far: read before a heartbeat's query.
     pub fn seen(&self) -> u64 {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).0
+        *self.announcements.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A heartbeat's answer, given `seen()` from before it asked.
     pub fn heartbeat(&self, seen_before: u64, others_alive: bool) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.1 = !others_alive && state.0 == seen_before;
-        self.alone.store(state.1, Ordering::Release);
+        let announcements = self.announcements.lock().unwrap_or_else(|e| e.into_inner());
+        self.alone.store(!others_alive && *announcements == seen_before, Ordering::Release);
     }
 
     pub fn others_alive(&self) -> bool {

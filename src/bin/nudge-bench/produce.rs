@@ -118,6 +118,9 @@ async fn write_events(
     let writers = setup.writers.max(1);
     let n = setup.connections.max(1);
     let per_tick = if matches!(setup.mode, Mode::Targeted | Mode::Topic) { setup.batch.max(1) } else { 1 };
+    // Whether an event to this recipient is expected back: every topic event; targeted ones unless the
+    // recipient's connection was told to stop reading.
+    let expected = |recipient| setup.mode == Mode::Topic || !is_stalled(recipient, setup.connections, setup.stalled);
     let mut tick = (setup.rate > 0.0).then(|| {
         let mut tick = tokio::time::interval(Duration::from_secs_f64((writers * per_tick) as f64 / setup.rate));
         // Catch up after a slow commit, so the rate over the run is the one asked for.
@@ -152,9 +155,7 @@ async fn write_events(
                 let rows = client.query(statement, &[&users, &targeted]).await.map_err(|e| e.to_string())?;
                 let committed = now_us();
                 log.commits.extend(rows.iter().map(|row| (row.get(0), committed)));
-                log.expected +=
-                    batch.iter().filter(|&&r| !targeted || !is_stalled(r, setup.connections, setup.stalled)).count()
-                        as u64;
+                log.expected += batch.iter().filter(|&&r| expected(r)).count() as u64;
                 log.events += rows.len() as u64;
                 continue;
             }
@@ -163,7 +164,7 @@ async fn write_events(
                 let row = client.query_one(statement, &[&recipients]).await.map_err(|e| e.to_string())?;
                 // The statement's implicit transaction has committed when its reply arrives.
                 log.commits.push((row.get(0), now_us()));
-                if setup.mode == Mode::Topic || !is_stalled(recipient, setup.connections, setup.stalled) {
+                if expected(recipient) {
                     log.expected += 1;
                 }
             }
