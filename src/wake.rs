@@ -91,6 +91,13 @@ pub struct Peers {
 impl Peers {
     /// Another node announced itself.
     pub fn announced(&self) {
+        self.may_have_missed_announcements();
+    }
+
+    /// The LISTEN session (re)connected: announcements sent while it was down are lost, so count this as one.
+    /// (At start, a node's first heartbeat may run before its LISTEN session is up, find nobody, and miss the
+    /// announcement of a node that starts a moment later: alone for a whole heartbeat, its claims told nobody.)
+    pub fn may_have_missed_announcements(&self) {
         let mut announcements = self.announcements.lock().unwrap_or_else(|e| e.into_inner());
         *announcements += 1;
         self.alone.store(false, Ordering::Release);
@@ -132,5 +139,10 @@ mod tests {
         let before = peers.seen();
         peers.heartbeat(before, false);
         assert!(!peers.others_alive(), "alone again once a whole heartbeat saw nobody");
+
+        let before = peers.seen();
+        peers.may_have_missed_announcements(); // the LISTEN session reconnected
+        peers.heartbeat(before, false);
+        assert!(peers.others_alive(), "a heartbeat overlapping a LISTEN reconnect cannot say alone");
     }
 }

@@ -100,9 +100,11 @@ async fn listen_once(
     readiness.set_listen(true);
     backoff.reset();
     tracing::info!("LISTEN connection up");
-    // Anything inserted or claimed while we were not listening would otherwise wait for the fallback poll.
+    // Anything inserted or claimed while we were not listening would otherwise wait for the fallback poll; a
+    // node that announced itself meanwhile would otherwise go unheard until our next heartbeat.
     wakeups.claims.wake();
     wakeups.deliveries.look();
+    wakeups.peers.may_have_missed_announcements();
     let ended = notifications.await;
     drop(client);
     ended
