@@ -31,12 +31,12 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use serde_json::json;
 
-use crate::produce::{insert_backlog, produce, Writers};
+use crate::produce::{insert_backlog, produce, Window, Writers};
 use crate::remote::{RemoteWorker, ToWorker};
 use crate::stats::{
     log_buckets_ms, new_histogram, now_us, percentile_ms, raise_nofile_limit, server_cpu, server_rss_kib, CommitTable,
 };
-use crate::worker::{Plan, Ready, Summary, Worker};
+use crate::worker::{Plan, Progress, Ready, Summary, Worker};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -74,8 +74,8 @@ pub struct Args {
     /// Events per second over all writers; 0 = as fast as the writers can commit.
     #[arg(long, default_value_t = 1000.0)]
     rate: f64,
-    /// How long the writers produce (backlog: how long to wait for the drain, plus --grace; saturate: how long to
-    /// count the broadcast).
+    /// How long the writers produce (backlog: unused, the drain is waited for as --grace says; saturate: how long
+    /// to count the broadcast).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Concurrent producer connections.
@@ -86,9 +86,17 @@ pub struct Args {
     /// producers' commit rate out of a fan-out or throughput measurement.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     batch: u32,
-    /// How long to wait for the last deliveries after producing stops.
+    /// After producing stops, keep waiting for the remaining deliveries until this long passes without a new
+    /// one: a server still draining a backlog is waited for, one that stopped delivering is not. What is then
+    /// still missing is lost.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     grace: Duration,
+    /// Closed loop (topic mode): a writer waits while the slowest reading connection is more than N events behind
+    /// the events committed, as the socket ceiling waits for its sockets. With N below the server's queue per
+    /// connection, this measures what it sustains without closing anyone as a slow consumer. 0 = open loop: the
+    /// writers keep the rate whatever the readers do.
+    #[arg(long, default_value_t = 0)]
+    window: u64,
     /// Generator processes; the connections are split evenly over them (wakeup mode: 1).
     #[arg(long, default_value_t = 1)]
     workers: usize,
@@ -193,6 +201,9 @@ fn validate(args: &Args) -> Result<(), String> {
                 .into(),
         );
     }
+    if args.window > 0 && args.mode != Mode::Topic {
+        return Err("--window applies to topic mode".into());
+    }
     if !(1..=254).contains(&args.source_ips) {
         return Err("--source-ips must be 1 to 254 (127.0.0.1 .. 127.0.0.254)".into());
     }
@@ -234,16 +245,24 @@ impl Handle {
 
     fn go(&mut self) -> Result<(), String> {
         match self {
-            Handle::Local(_) => Ok(()),
+            Handle::Local(worker) => {
+                worker.track_progress(|_| {});
+                Ok(())
+            }
             Handle::Remote(remote) => remote.send(&ToWorker::Go),
         }
     }
 
-    fn received(&self) -> u64 {
+    /// What its reading connections have read so far (a child process's figures are at most 10 ms old).
+    fn progress(&self) -> Arc<Progress> {
         match self {
-            Handle::Local(worker) => worker.received().load(std::sync::atomic::Ordering::Relaxed),
-            Handle::Remote(remote) => remote.received(),
+            Handle::Local(worker) => worker.progress(),
+            Handle::Remote(remote) => remote.progress(),
         }
+    }
+
+    fn received(&self) -> u64 {
+        self.progress().received.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn wakeup(&mut self) -> Result<(), String> {
@@ -305,10 +324,15 @@ fn received(handles: &[Handle]) -> u64 {
     handles.iter().map(Handle::received).sum()
 }
 
-/// Wait until `expected` event frames have been read, or the deadline passes.
-async fn wait_for(handles: &[Handle], expected: u64, deadline: tokio::time::Instant) {
-    while received(handles) < expected && tokio::time::Instant::now() < deadline {
+/// Wait until `expected` event frames have been read, or until `quiet` passes without a new one.
+async fn wait_for(handles: &[Handle], expected: u64, quiet: Duration) {
+    let (mut last, mut last_change) = (received(handles), tokio::time::Instant::now());
+    while last < expected && last_change.elapsed() < quiet {
         tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = received(handles);
+        if now != last {
+            (last, last_change) = (now, tokio::time::Instant::now());
+        }
     }
 }
 
@@ -385,6 +409,8 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
                 stalled: args.stalled,
                 table: args.table.clone(),
                 sinks,
+                window: (args.window > 0)
+                    .then(|| Window::new(args.window, handles.iter().map(Handle::progress).collect())),
             };
             let out = produce(Arc::new(setup)).await?;
             let expected = match args.mode {
@@ -396,7 +422,7 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
                 "nudge-bench: produced {} events in {:.2}s; waiting for {expected} deliveries",
                 out.events, out.secs
             );
-            wait_for(&handles, expected, tokio::time::Instant::now() + args.grace).await;
+            wait_for(&handles, expected, args.grace).await;
             Produced {
                 events: out.events,
                 events_per_s: out.events as f64 / out.secs.max(1e-9),
@@ -413,8 +439,7 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
                 args.backlog, backlog.insert_secs
             );
             wakeup_any(&mut handles, &readies).await?;
-            let deadline = tokio::time::Instant::now() + args.duration + args.grace;
-            wait_for(&handles, backlog.expected, deadline).await;
+            wait_for(&handles, backlog.expected, args.grace).await;
             Produced {
                 events: args.backlog,
                 events_per_s: args.backlog as f64 / backlog.insert_secs.max(1e-9),

@@ -1,6 +1,7 @@
 //! The producers: writer connections INSERTing events through PostgreSQL exactly as a backend would (one row,
 //! one implicit transaction each; or `--batch` rows per statement), and the one-transaction backlog.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use tokio::time::Instant;
 use tokio_postgres::{Client, Statement};
 
 use crate::stats::now_us;
-use crate::worker::{is_stalled, wakeup_message, Sinks};
+use crate::worker::{is_stalled, wakeup_message, Progress, Sinks};
 use crate::Mode;
 
 /// What the writers do, shared by all of them.
@@ -28,6 +29,38 @@ pub struct Writers {
     pub table: String,
     /// Wakeup mode: the write halves of the (single, in-process) worker's connections, by index.
     pub sinks: Option<Arc<Sinks>>,
+    /// Closed loop (`--window`), or None: the writers keep the rate whatever the readers do.
+    pub window: Option<Window>,
+}
+
+/// How far the writers may run ahead of the slowest reader: a server offered more than it can deliver fills its
+/// per-connection queues and closes the slowest readers (1013), which measures the overload policy, not the
+/// throughput. The socket ceiling waits for its sockets; with a window the writers wait for the readers.
+pub struct Window {
+    /// Events the slowest reading connection may lag behind the committed ones before a writer waits.
+    limit: u64,
+    /// Every worker's progress; their slowest connection is the one that counts.
+    progress: Vec<Arc<Progress>>,
+    /// Events committed so far.
+    committed: AtomicU64,
+}
+
+impl Window {
+    pub fn new(limit: u64, progress: Vec<Arc<Progress>>) -> Window {
+        Window { limit, progress, committed: AtomicU64::new(0) }
+    }
+
+    fn ahead(&self) -> bool {
+        let slowest = self.progress.iter().map(|p| p.slowest.load(Ordering::Relaxed)).min().unwrap_or(u64::MAX);
+        self.committed.load(Ordering::Relaxed).saturating_sub(slowest) > self.limit
+    }
+
+    /// Wait until the slowest reader is within the window again, or the deadline.
+    async fn wait(&self, deadline: Instant) {
+        while self.ahead() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
 }
 
 pub struct Produced {
@@ -127,6 +160,11 @@ async fn write_events(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         tick
     });
+    let count_committed = |events: u64| {
+        if let Some(window) = &setup.window {
+            window.committed.fetch_add(events, Ordering::Relaxed);
+        }
+    };
     let mut log = WriterLog { events: 0, expected: 0, commits: Vec::new() };
     let mut k = w;
     while started.elapsed() < setup.duration {
@@ -135,6 +173,9 @@ async fn write_events(
             if tokio::time::timeout_at(started + setup.duration, tick.tick()).await.is_err() {
                 break;
             }
+        }
+        if let Some(window) = &setup.window {
+            window.wait(started + setup.duration).await;
         }
         let mut recipient = k % n;
         k += writers;
@@ -156,6 +197,7 @@ async fn write_events(
                 let committed = now_us();
                 log.commits.extend(rows.iter().map(|row| (row.get(0), committed)));
                 log.expected += batch.iter().filter(|&&r| expected(r)).count() as u64;
+                count_committed(rows.len() as u64);
                 log.events += rows.len() as u64;
                 continue;
             }
@@ -167,6 +209,7 @@ async fn write_events(
                 if expected(recipient) {
                     log.expected += 1;
                 }
+                count_committed(1);
             }
             Mode::Wakeup => {
                 let sinks = setup.sinks.as_deref().ok_or("wakeup mode needs the connections in this process")?;

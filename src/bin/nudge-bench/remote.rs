@@ -4,7 +4,8 @@
 //! ```text
 //! child -> parent   {"ready":{…}}                 connect phase over (counts, start and end on the shared clock)
 //! parent -> child   "go"                          producing starts; the child reports progress from now on
-//! child -> parent   {"received":N}                every 50 ms: event frames read so far (the parent's stop test)
+//! child -> parent   {"progress":[N,M]}            every 10 ms: event frames read so far, all connections and the
+//!                                                 slowest one (the parent's stop test and the writers' window)
 //! parent -> child   "wakeup"                      send one wakeup on a live connection (backlog, saturate)
 //! parent -> child   {"finish":{"commits":PATH}}   stop; PATH holds the commit times (id, µs) of every event
 //! child -> parent   {"summary":{…}}               counts, latency histogram as (µs, count) pairs, stalled outcomes
@@ -19,15 +20,14 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::stats::CommitTable;
-use crate::worker::{Plan, Ready, Summary, Worker};
+use crate::worker::{Plan, Progress, Ready, Summary, Worker};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -41,7 +41,7 @@ pub enum ToWorker {
 #[serde(rename_all = "snake_case")]
 pub enum FromWorker {
     Ready(Ready),
-    Received(u64),
+    Progress(u64, u64),
     Summary(Box<Summary>),
     Failed(String),
 }
@@ -52,7 +52,8 @@ pub struct RemoteWorker {
     child: Child,
     stdin: ChildStdin,
     messages: mpsc::UnboundedReceiver<FromWorker>,
-    received: Arc<AtomicU64>,
+    /// As last reported by the child.
+    progress: Arc<Progress>,
 }
 
 impl RemoteWorker {
@@ -74,13 +75,16 @@ impl RemoteWorker {
             return Err(format!("worker {index}: no pipes"));
         };
         let (tx, messages) = mpsc::unbounded_channel();
-        let received = Arc::new(AtomicU64::new(0));
-        let counter = received.clone();
+        let progress = Arc::new(Progress::default());
+        let reported = progress.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 match serde_json::from_str::<FromWorker>(&line) {
-                    Ok(FromWorker::Received(n)) => counter.store(n, Ordering::Relaxed),
+                    Ok(FromWorker::Progress(received, slowest)) => {
+                        reported.received.store(received, Ordering::Relaxed);
+                        reported.slowest.store(slowest, Ordering::Relaxed);
+                    }
                     Ok(message) => {
                         if tx.send(message).is_err() {
                             break;
@@ -91,7 +95,7 @@ impl RemoteWorker {
             }
             // Dropping the sender tells the parent the worker is gone.
         });
-        Ok(RemoteWorker { index, child, stdin, messages, received })
+        Ok(RemoteWorker { index, child, stdin, messages, progress })
     }
 
     pub fn send(&mut self, message: &ToWorker) -> Result<(), String> {
@@ -101,8 +105,8 @@ impl RemoteWorker {
             .map_err(|e| format!("worker {}: {e}", self.index))
     }
 
-    pub fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
     }
 
     async fn next(&mut self, waiting_for: &str) -> Result<FromWorker, String> {
@@ -168,7 +172,7 @@ pub async fn serve(plan: Plan) -> Result<(), String> {
         }
     });
     let tag = plan.tag.clone();
-    let worker = match Worker::start(plan).await {
+    let mut worker = match Worker::start(plan).await {
         Ok(worker) => worker,
         Err(e) => {
             emit(&FromWorker::Failed(e.clone()));
@@ -176,22 +180,16 @@ pub async fn serve(plan: Plan) -> Result<(), String> {
         }
     };
     emit(&FromWorker::Ready(worker.ready()));
-    let mut progress = None;
     while let Some(command) = commands.recv().await {
         match command {
             ToWorker::Go => {
-                let received = worker.received();
-                progress = Some(tokio::spawn(async move {
-                    let mut last = u64::MAX;
-                    loop {
-                        let now = received.load(Ordering::Relaxed);
-                        if now != last {
-                            emit(&FromWorker::Received(now));
-                            last = now;
-                        }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                let last = std::cell::Cell::new((u64::MAX, u64::MAX));
+                worker.track_progress(move |progress| {
+                    let now = (progress.received.load(Ordering::Relaxed), progress.slowest.load(Ordering::Relaxed));
+                    if now != last.replace(now) {
+                        emit(&FromWorker::Progress(now.0, now.1));
                     }
-                }));
+                });
             }
             ToWorker::Wakeup => {
                 if let Err(e) = worker.wakeup().await {
@@ -199,9 +197,6 @@ pub async fn serve(plan: Plan) -> Result<(), String> {
                 }
             }
             ToWorker::Finish { commits } => {
-                if let Some(progress) = progress.take() {
-                    progress.abort();
-                }
                 let pairs = match commits {
                     Some(path) => {
                         let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;

@@ -114,6 +114,21 @@ struct ReaderEnd {
     closed: Option<String>,
 }
 
+/// What a worker's reading connections have read so far: the parent's stop test and the writers' window.
+pub struct Progress {
+    /// Event frames read by all of them.
+    pub received: AtomicU64,
+    /// Event frames read by the one that has read the fewest (u64::MAX: no reading connection), as of the last
+    /// `Worker::update_slowest`.
+    pub slowest: AtomicU64,
+}
+
+impl Default for Progress {
+    fn default() -> Progress {
+        Progress { received: AtomicU64::new(0), slowest: AtomicU64::new(u64::MAX) }
+    }
+}
+
 pub struct Worker {
     plan: Arc<Plan>,
     epoch_us: u64,
@@ -121,7 +136,11 @@ pub struct Worker {
     readers: Vec<JoinHandle<ReaderEnd>>,
     stalled: Vec<Ws>,
     sinks: Arc<Sinks>,
-    received: Arc<AtomicU64>,
+    progress: Arc<Progress>,
+    /// Event frames read, per reading connection: `Progress::slowest` is their minimum.
+    per_reader: Arc<Vec<Arc<AtomicU64>>>,
+    /// The task that keeps `progress.slowest` current, from `track_progress` to `finish`.
+    tracker: Option<JoinHandle<()>>,
     stop: watch::Sender<bool>,
     stop_flag: Arc<AtomicBool>,
 }
@@ -134,7 +153,8 @@ impl Worker {
         let epoch_us = now_us();
         let (stop, stop_rx) = watch::channel(false);
         let stop_flag = Arc::new(AtomicBool::new(false));
-        let received = Arc::new(AtomicU64::new(0));
+        let progress = Arc::new(Progress::default());
+        let mut per_reader = Vec::new();
         let mut sinks: Sinks = (0..plan.range.len()).map(|_| None).collect();
         let mut readers = Vec::with_capacity(plan.range.len());
         let mut stalled = Vec::new();
@@ -163,15 +183,17 @@ impl Worker {
                 stalled.push(ws);
                 continue;
             }
-            let (stop, flag, received) = (stop_rx.clone(), stop_flag.clone(), received.clone());
+            let mine = Arc::new(AtomicU64::new(0));
+            per_reader.push(mine.clone());
+            let (stop, flag, counts) = (stop_rx.clone(), stop_flag.clone(), (progress.clone(), mine));
             // Only connections someone sends on are split: the split's lock costs a little on every read.
             if plan.mode == Mode::Wakeup || !have_sink {
                 have_sink = true;
                 let (sink, stream) = ws.split();
                 sinks[i - plan.range.start] = Some(Arc::new(Mutex::new(sink)));
-                readers.push(tokio::spawn(read_frames(stream, plan.mode, epoch_us, stop, flag, received)));
+                readers.push(tokio::spawn(read_frames(stream, plan.mode, epoch_us, stop, flag, counts)));
             } else {
-                readers.push(tokio::spawn(read_frames(ws, plan.mode, epoch_us, stop, flag, received)));
+                readers.push(tokio::spawn(read_frames(ws, plan.mode, epoch_us, stop, flag, counts)));
             }
         }
         drop(attempts);
@@ -191,16 +213,43 @@ impl Worker {
             ready.stalled_connected,
             (finished_us - started_us) as f64 / 1e6
         );
-        Ok(Worker { plan, epoch_us, ready, readers, stalled, sinks: Arc::new(sinks), received, stop, stop_flag })
+        let (sinks, per_reader) = (Arc::new(sinks), Arc::new(per_reader));
+        Ok(Worker {
+            plan,
+            epoch_us,
+            ready,
+            readers,
+            stalled,
+            sinks,
+            progress,
+            per_reader,
+            tracker: None,
+            stop,
+            stop_flag,
+        })
     }
 
     pub fn ready(&self) -> Ready {
         self.ready.clone()
     }
 
-    /// Event frames received so far by the reading connections.
-    pub fn received(&self) -> Arc<AtomicU64> {
-        self.received.clone()
+    /// What the reading connections have read so far.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
+    /// Keep `Progress::slowest` current (every 10 ms) until the worker finishes, calling `report` after each
+    /// update.
+    pub fn track_progress(&mut self, report: impl Fn(&Progress) + Send + 'static) {
+        let (progress, per_reader) = (self.progress.clone(), self.per_reader.clone());
+        self.tracker = Some(tokio::spawn(async move {
+            loop {
+                let slowest = per_reader.iter().map(|n| n.load(Ordering::Relaxed)).min().unwrap_or(u64::MAX);
+                progress.slowest.store(slowest, Ordering::Relaxed);
+                report(&progress);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }));
     }
 
     /// Write halves by connection index minus this worker's range start; wakeup mode has a single worker whose
@@ -217,6 +266,9 @@ impl Worker {
 
     /// Stop reading, join the receive logs with the commit times, and find out how the stalled connections ended.
     pub async fn finish(self, commits: &CommitTable) -> Summary {
+        if let Some(tracker) = &self.tracker {
+            tracker.abort();
+        }
         self.stop_flag.store(true, Ordering::Relaxed);
         let _ = self.stop.send(true);
         let stalled = futures_util::future::join_all(self.stalled.into_iter().map(stalled_outcome));
@@ -457,7 +509,7 @@ async fn read_frames<S>(
     epoch_us: u64,
     mut stop: watch::Receiver<bool>,
     stop_flag: Arc<AtomicBool>,
-    received: Arc<AtomicU64>,
+    (progress, mine): (Arc<Progress>, Arc<AtomicU64>),
 ) -> ReaderEnd
 where
     S: Stream<Item = Result<Message, WsError>> + Unpin,
@@ -485,7 +537,8 @@ where
         match frame {
             Some(Ok(Message::Text(text))) => {
                 let Some(id) = event_id(text.as_str()) else { continue };
-                received.fetch_add(1, Ordering::Relaxed);
+                progress.received.fetch_add(1, Ordering::Relaxed);
+                mine.fetch_add(1, Ordering::Relaxed);
                 match &mut log {
                     ConnLog::Records { base, records, overflow } => {
                         let at_us = now_us();
