@@ -376,8 +376,14 @@ async fn processed_rows_are_deleted_after_retention() {
     // The cleanup schedule is not tied to wake-ups; use the default poll interval here.
     let _nudge = Nudge::start(&db.url, &[("NUDGE_RETENTION", "1s"), ("NUDGE_POLL_INTERVAL", "2s")]).await;
     let pg = db.client().await;
-    // More than one deletion batch (1,000).
+    // More than one deletion batch (1,000), and expired rows, which are processed without a seq and swept by age.
     insert_many(&pg, "post:1", 2_500).await;
+    pg.batch_execute(
+        "INSERT INTO nudge.events (topic, kind, occurred_at) \
+         SELECT 'post:1', 'old', now() - interval '10 minutes' FROM generate_series(1, 10)",
+    )
+    .await
+    .unwrap();
     eventually!(
         Duration::from_secs(60),
         "rows to be claimed",
@@ -463,4 +469,124 @@ async fn many_wakeups_coalesce_into_few_claim_passes() {
     let passes = last - before;
     assert!(passes >= 1.0, "wakeups caused no claim pass at all");
     assert!(passes < 200.0, "2,000 wakeups caused {passes} claim passes");
+}
+
+/// The claim and the retention sweep find their rows through indexes, so their cost follows the rows they touch,
+/// not the rows the table keeps for `resume`. Until schema version 5 PostgreSQL planned the claim's row update
+/// as a scan of the whole table (or, with a plan cached while the table was nearly empty, one scan per claimed
+/// row), and every 1,000-row retention batch scanned the table twice. This reads the plans that actually run.
+#[tokio::test(flavor = "multi_thread")]
+async fn claim_and_retention_never_scan_the_whole_table() {
+    let db = TestDb::new().await;
+    db.migrate();
+    let pg = db.client().await;
+    // Statistics change only when this test says so.
+    pg.batch_execute("ALTER TABLE nudge.events SET (autovacuum_enabled = false)").await.unwrap();
+
+    // A session that starts while the table is empty caches its plan after a few claims, as a node does ...
+    let claimer = Claimer::connect(&db.url).await;
+    for _ in 0..8 {
+        claimer.claim_and_keep(0).await;
+    }
+    // ... and keeps it while the table grows: 30,000 rows processed two hours ago (some expired: no seq), 1,000
+    // pending.
+    pg.batch_execute(
+        "INSERT INTO nudge.events (topic, kind, processed_at, seq)
+             SELECT 'old', 'k', now() - interval '2 hours', CASE WHEN g % 100 <> 0 THEN -g END
+             FROM generate_series(1, 30000) g;
+         INSERT INTO nudge.events (topic, kind) SELECT 'new', 'k' FROM generate_series(1, 1000);",
+    )
+    .await
+    .unwrap();
+    let plan = claimer.plan_of_claim(1000).await;
+    assert!(!scans_events(&plan), "nudge.claim(), plan cached on a small table, scans nudge.events: {plan}");
+    // A session that starts now plans with the statistics of a table of 31,000 rows.
+    pg.batch_execute("ANALYZE nudge.events").await.unwrap();
+    let plan = Claimer::connect(&db.url).await.plan_of_claim(1000).await;
+    assert!(!scans_events(&plan), "nudge.claim() on an analyzed table scans nudge.events: {plan}");
+
+    // The sweep's statements are planned afresh each time, with the statistics of the moment.
+    for (name, statement) in [
+        ("DELETE_NUMBERED", nudge::db::events::DELETE_NUMBERED),
+        ("DELETE_UNNUMBERED", nudge::db::events::DELETE_UNNUMBERED),
+    ] {
+        // The sweep's parameters written in: a custom plan, as the sweep's own statement gets.
+        let sql = format!("EXPLAIN (FORMAT JSON) {}", statement.replace("$1", "3600").replace("$2", "1000"));
+        let messages = pg.simple_query(&sql).await.unwrap();
+        let plan = messages
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("EXPLAIN returned {messages:?}"));
+        assert!(!scans_events(plan), "retention's {name} scans nudge.events: {plan}");
+    }
+}
+
+/// Whether a plan in JSON (EXPLAIN's, or auto_explain's after its "duration: … plan:" prefix) scans nudge.events
+/// sequentially.
+fn scans_events(plan: &str) -> bool {
+    fn walk(node: &serde_json::Value) -> bool {
+        match node {
+            serde_json::Value::Object(fields) => {
+                (fields.get("Node Type").is_some_and(|t| t == "Seq Scan")
+                    && fields.get("Relation Name").is_some_and(|r| r == "events"))
+                    || fields.values().any(walk)
+            }
+            serde_json::Value::Array(items) => items.iter().any(walk),
+            _ => false,
+        }
+    }
+    let json = &plan[plan.find(['{', '[']).unwrap_or_else(|| panic!("no JSON in {plan}"))..];
+    walk(&serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}")))
+}
+
+/// A session that calls nudge.claim() with auto_explain reporting the plans of the statements inside it.
+struct Claimer {
+    client: tokio_postgres::Client,
+    /// auto_explain's notices, collected by the task driving the connection (with `poll_message`).
+    notices: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Claimer {
+    async fn connect(url: &str) -> Claimer {
+        let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+        let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = notices.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                if let tokio_postgres::AsyncMessage::Notice(notice) = message {
+                    sink.lock().unwrap().push(notice.message().to_owned());
+                }
+            }
+        });
+        client
+            .batch_execute(
+                "LOAD 'auto_explain';
+                 SET auto_explain.log_min_duration = 0;
+                 SET auto_explain.log_nested_statements = on;
+                 SET auto_explain.log_format = json;
+                 SET auto_explain.log_level = notice;
+                 SET client_min_messages = notice;",
+            )
+            .await
+            .unwrap();
+        Claimer { client, notices }
+    }
+
+    async fn claim_and_keep(&self, expected: usize) {
+        let claimed = self.client.query("SELECT * FROM nudge.claim(1000, 3600, false)", &[]).await.unwrap();
+        assert_eq!(claimed.len(), expected);
+    }
+
+    /// The plan of the claim's row update, for a claim that is rolled back.
+    async fn plan_of_claim(&self, expected: usize) -> String {
+        self.notices.lock().unwrap().clear();
+        self.client.batch_execute("BEGIN").await.unwrap();
+        self.claim_and_keep(expected).await;
+        self.client.batch_execute("ROLLBACK").await.unwrap();
+        let plans = self.notices.lock().unwrap().clone();
+        plans.into_iter().find(|p| p.contains("UPDATE nudge.events")).expect("auto_explain reported no claim")
+    }
 }
