@@ -6,6 +6,10 @@
 //! distribution, and lost and duplicated events (which must be zero). With `--server-pid` it also reports the
 //! server processes' RSS and CPU time from /proc. One JSON object on stdout; progress on stderr.
 //!
+//! Lost means never delivered: after producing it waits while deliveries go on, until `--grace` passes without
+//! one. `--window` closes the loop for saturation runs: producers wait for the slowest reader, so a server is
+//! measured at its throughput rather than at its slow-consumer policy.
+//!
 //! Modes (docs/performance.md names the targets):
 //! - `targeted`: event K goes to user u{K mod N}; latency from the producer's COMMIT returning to the receive.
 //! - `topic`: every connection subscribes topic `bench`; every event goes to all of them.

@@ -55,11 +55,15 @@ impl Window {
         self.committed.load(Ordering::Relaxed).saturating_sub(slowest) > self.limit
     }
 
-    /// Wait until the slowest reader is within the window again, or the deadline.
-    async fn wait(&self, deadline: Instant) {
-        while self.ahead() && Instant::now() < deadline {
+    /// Wait until the slowest reader is within the window again (true), or the deadline passes first (false).
+    async fn wait(&self, deadline: Instant) -> bool {
+        while self.ahead() {
+            if Instant::now() >= deadline {
+                return false;
+            }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        true
     }
 }
 
@@ -175,7 +179,10 @@ async fn write_events(
             }
         }
         if let Some(window) = &setup.window {
-            window.wait(started + setup.duration).await;
+            // Still ahead at the end of the run: stop here, or the last INSERT would overrun the window.
+            if !window.wait(started + setup.duration).await {
+                break;
+            }
         }
         let mut recipient = k % n;
         k += writers;
