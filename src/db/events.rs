@@ -53,8 +53,9 @@ pub enum QueryError {
 }
 
 /// Claim up to `limit` pending rows and number the deliverable ones; with `tell_others`, NOTIFY every node:
-/// `nudge.claim()` in sql/0005_claim_by_key.sql (a function, so its plan is cached per session). One statement, so
-/// one transaction: a crash before commit leaves the rows pending.
+/// `nudge.claim()` in sql/0003_wake_gate.sql (a function, so its plan is cached per session), with the planner
+/// settings of sql/0005_claim_by_key.sql (that plan always goes through the primary key). One statement, so one
+/// transaction: a crash before commit leaves the rows pending.
 pub async fn claim_batch(pool: &Pool, limit: i64, max_age: Duration, tell_others: bool) -> Result<Claimed, QueryError> {
     let client = pool.get().await?;
     let rows = client
