@@ -150,7 +150,8 @@ pub async fn replay(
     Ok(Replay { events, complete: !truncated && !gone, skip_through: until })
 }
 
-/// Rows deleted per retention statement: small, so the sweep never holds many locks or bloats one transaction.
+/// Rows deleted per retention batch (its two statements together): small, so the sweep never holds many locks or
+/// bloats one transaction.
 pub const DELETE_BATCH: i64 = 1000;
 
 /// Numbered rows are deleted as a prefix in seq order: everything up to the seq of the last row processed before

@@ -114,12 +114,12 @@ struct ReaderEnd {
     closed: Option<String>,
 }
 
-/// What a worker's reading connections have read so far: the parent's stop test and the writers' window.
+/// What a worker's reading connections have read so far, as of `Worker::track_progress`'s last look (every
+/// 10 ms): the parent's stop test and the writers' window.
 pub struct Progress {
     /// Event frames read by all of them.
     pub received: AtomicU64,
-    /// Event frames read by the one that has read the fewest (u64::MAX: no reading connection), as of the last
-    /// `Worker::update_slowest`.
+    /// Event frames read by the one that has read the fewest (u64::MAX: no reading connection).
     pub slowest: AtomicU64,
 }
 
@@ -137,9 +137,9 @@ pub struct Worker {
     stalled: Vec<Ws>,
     sinks: Arc<Sinks>,
     progress: Arc<Progress>,
-    /// Event frames read, per reading connection: `Progress::slowest` is their minimum.
+    /// Event frames read, per reading connection, counted by its reader: `progress` is their sum and minimum.
     per_reader: Arc<Vec<Arc<AtomicU64>>>,
-    /// The task that keeps `progress.slowest` current, from `track_progress` to `finish`.
+    /// The task that keeps `progress` current, from `track_progress` to `finish`.
     tracker: Option<JoinHandle<()>>,
     stop: watch::Sender<bool>,
     stop_flag: Arc<AtomicBool>,
@@ -185,15 +185,15 @@ impl Worker {
             }
             let mine = Arc::new(AtomicU64::new(0));
             per_reader.push(mine.clone());
-            let (stop, flag, counts) = (stop_rx.clone(), stop_flag.clone(), (progress.clone(), mine));
+            let (stop, flag) = (stop_rx.clone(), stop_flag.clone());
             // Only connections someone sends on are split: the split's lock costs a little on every read.
             if plan.mode == Mode::Wakeup || !have_sink {
                 have_sink = true;
                 let (sink, stream) = ws.split();
                 sinks[i - plan.range.start] = Some(Arc::new(Mutex::new(sink)));
-                readers.push(tokio::spawn(read_frames(stream, plan.mode, epoch_us, stop, flag, counts)));
+                readers.push(tokio::spawn(read_frames(stream, plan.mode, epoch_us, stop, flag, mine)));
             } else {
-                readers.push(tokio::spawn(read_frames(ws, plan.mode, epoch_us, stop, flag, counts)));
+                readers.push(tokio::spawn(read_frames(ws, plan.mode, epoch_us, stop, flag, mine)));
             }
         }
         drop(attempts);
@@ -238,13 +238,16 @@ impl Worker {
         self.progress.clone()
     }
 
-    /// Keep `Progress::slowest` current (every 10 ms) until the worker finishes, calling `report` after each
-    /// update.
+    /// Keep `progress` current (every 10 ms) until the worker finishes, calling `report` after each update.
     pub fn track_progress(&mut self, report: impl Fn(&Progress) + Send + 'static) {
         let (progress, per_reader) = (self.progress.clone(), self.per_reader.clone());
         self.tracker = Some(tokio::spawn(async move {
             loop {
-                let slowest = per_reader.iter().map(|n| n.load(Ordering::Relaxed)).min().unwrap_or(u64::MAX);
+                let (mut received, mut slowest) = (0, u64::MAX);
+                for n in per_reader.iter().map(|n| n.load(Ordering::Relaxed)) {
+                    (received, slowest) = (received + n, slowest.min(n));
+                }
+                progress.received.store(received, Ordering::Relaxed);
                 progress.slowest.store(slowest, Ordering::Relaxed);
                 report(&progress);
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -509,7 +512,7 @@ async fn read_frames<S>(
     epoch_us: u64,
     mut stop: watch::Receiver<bool>,
     stop_flag: Arc<AtomicBool>,
-    (progress, mine): (Arc<Progress>, Arc<AtomicU64>),
+    received: Arc<AtomicU64>,
 ) -> ReaderEnd
 where
     S: Stream<Item = Result<Message, WsError>> + Unpin,
@@ -537,8 +540,7 @@ where
         match frame {
             Some(Ok(Message::Text(text))) => {
                 let Some(id) = event_id(text.as_str()) else { continue };
-                progress.received.fetch_add(1, Ordering::Relaxed);
-                mine.fetch_add(1, Ordering::Relaxed);
+                received.fetch_add(1, Ordering::Relaxed);
                 match &mut log {
                     ConnLog::Records { base, records, overflow } => {
                         let at_us = now_us();
