@@ -484,7 +484,7 @@ async fn claim_and_retention_never_scan_the_whole_table() {
     pg.batch_execute("ALTER TABLE nudge.events SET (autovacuum_enabled = false)").await.unwrap();
 
     // A session that starts while the table is empty caches its plan after a few claims, as a node does ...
-    let claimer = Claimer::connect(&db.url).await;
+    let mut claimer = Claimer::connect(&db.url).await;
     for _ in 0..8 {
         claimer.claim_and_keep(0).await;
     }
@@ -545,22 +545,17 @@ fn scans_events(plan: &str) -> bool {
 /// A session that calls nudge.claim() with auto_explain reporting the plans of the statements inside it.
 struct Claimer {
     client: tokio_postgres::Client,
-    /// auto_explain's notices, collected by the task driving the connection (with `poll_message`).
-    notices: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// auto_explain's notices.
+    notices: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
 impl Claimer {
     async fn connect(url: &str) -> Claimer {
-        let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
-        let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = notices.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                if let tokio_postgres::AsyncMessage::Notice(notice) = message {
-                    sink.lock().unwrap().push(notice.message().to_owned());
-                }
-            }
-        });
+        let (client, notices) = connect_watching(url, |message| match message {
+            tokio_postgres::AsyncMessage::Notice(notice) => Some(notice.message().to_owned()),
+            _ => None,
+        })
+        .await;
         client
             .batch_execute(
                 "LOAD 'auto_explain';
@@ -581,12 +576,13 @@ impl Claimer {
     }
 
     /// The plan of the claim's row update, for a claim that is rolled back.
-    async fn plan_of_claim(&self, expected: usize) -> String {
-        self.notices.lock().unwrap().clear();
+    async fn plan_of_claim(&mut self, expected: usize) -> String {
+        while self.notices.try_recv().is_ok() {}
         self.client.batch_execute("BEGIN").await.unwrap();
         self.claim_and_keep(expected).await;
         self.client.batch_execute("ROLLBACK").await.unwrap();
-        let plans = self.notices.lock().unwrap().clone();
-        plans.into_iter().find(|p| p.contains("UPDATE nudge.events")).expect("auto_explain reported no claim")
+        std::iter::from_fn(|| self.notices.try_recv().ok())
+            .find(|plan| plan.contains("UPDATE nudge.events"))
+            .expect("auto_explain reported no claim")
     }
 }

@@ -877,16 +877,30 @@ pub async fn listen(
     url: &str,
     channel: &str,
 ) -> (tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let (client, rx) = connect_watching(url, |message| match message {
+        tokio_postgres::AsyncMessage::Notification(n) => Some(n.channel().to_string()),
+        _ => None,
+    })
+    .await;
+    client.batch_execute(&format!("LISTEN {channel}")).await.unwrap();
+    (client, rx)
+}
+
+/// A connection driven with `poll_message`: what `keep` makes of its asynchronous messages (notifications,
+/// notices) arrives on the returned receiver, each before the reply of the statement that caused it.
+pub async fn connect_watching(
+    url: &str,
+    keep: impl Fn(tokio_postgres::AsyncMessage) -> Option<String> + Send + 'static,
+) -> (tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
     let (client, mut conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(Ok(msg)) = stream.next().await {
-            if let tokio_postgres::AsyncMessage::Notification(n) = msg {
-                let _ = tx.send(n.channel().to_string());
+        while let Some(Ok(message)) = stream.next().await {
+            if let Some(kept) = keep(message) {
+                let _ = tx.send(kept);
             }
         }
     });
-    client.batch_execute(&format!("LISTEN {channel}")).await.unwrap();
     (client, rx)
 }
