@@ -461,14 +461,7 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
             // The server broadcasts for its own --duration: count until the frames stop (1 s of quiet) or the
             // grace period is over.
             let deadline = started + args.duration + args.grace;
-            let (mut last, mut last_change) = (received(&handles), tokio::time::Instant::now());
-            while tokio::time::Instant::now() < deadline && last_change.elapsed() < Duration::from_secs(1) {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let now = received(&handles);
-                if now != last {
-                    (last, last_change) = (now, tokio::time::Instant::now());
-                }
-            }
+            let _ = tokio::time::timeout_at(deadline, wait_for(&handles, u64::MAX, Duration::from_secs(1))).await;
             Produced { window_start_us: start_us, ..Produced::default() }
         }
     };
