@@ -162,6 +162,60 @@ pub struct Options {
     #[arg(long, env = "NUDGE_POOL_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000), global = true)]
     pub pool_size: u32,
 
+    /// A connection whose socket accepts no bytes for this long (it reads nothing) is closed with 1013; the client
+    /// can reconnect and `resume`.
+    #[arg(long, env = "NUDGE_WRITE_TIMEOUT", default_value = "10s", value_parser = duration, global = true)]
+    pub write_timeout: Duration,
+
+    /// Time a client has to send a complete HTTP request header (the upgrade request, or any other request on
+    /// a kept-alive connection); slower connections are closed.
+    #[arg(long, env = "NUDGE_HEADER_TIMEOUT", default_value = "10s", value_parser = duration, global = true)]
+    pub header_timeout: Duration,
+
+    /// An HTTP connection (not a WebSocket) idle this long between requests is closed.
+    #[arg(long, env = "NUDGE_KEEP_ALIVE_TIMEOUT", default_value = "30s", value_parser = duration, global = true)]
+    pub keep_alive_timeout: Duration,
+
+    /// Largest HTTP request header accepted, in bytes; larger requests get 431 or are closed.
+    #[arg(long, env = "NUDGE_MAX_HEADER_SIZE", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1024..=1_048_576), global = true)]
+    pub max_header_size: u32,
+
+    /// TCP connections still speaking HTTP (not yet upgraded to WebSocket); further connections are closed at
+    /// once until some finish.
+    #[arg(long, env = "NUDGE_MAX_PENDING_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub max_pending_connections: u32,
+
+    /// TCP connections (HTTP and WebSocket) one IP address may hold open; 0 means no per-address limit.
+    #[arg(long, env = "NUDGE_MAX_CONNECTIONS_PER_IP", default_value_t = 0, global = true)]
+    pub max_connections_per_ip: u32,
+
+    /// PostgreSQL connections for `resume` replays and slow-consumer catch-ups, apart from the pool claims and
+    /// live delivery use, so that replays never delay them.
+    #[arg(long, env = "NUDGE_REPLAY_POOL_SIZE", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100), global = true)]
+    pub replay_pool_size: u32,
+
+    /// Client-side limit on each of nudge's own queries on the pools; a query that has not answered by then is
+    /// abandoned and its database session discarded.
+    #[arg(long, env = "NUDGE_STATEMENT_TIMEOUT", default_value = "10s", value_parser = duration, global = true)]
+    pub statement_timeout: Duration,
+
+    /// TCP keepalive: idle time before the first probe on a database session (overrides the URL's
+    /// keepalives_idle).
+    #[arg(long, env = "NUDGE_DB_KEEPALIVE_IDLE", default_value = "10s", value_parser = duration, global = true)]
+    pub db_keepalive_idle: Duration,
+
+    /// TCP keepalive: time between probes on a database session.
+    #[arg(long, env = "NUDGE_DB_KEEPALIVE_INTERVAL", default_value = "5s", value_parser = duration, global = true)]
+    pub db_keepalive_interval: Duration,
+
+    /// TCP keepalive: unanswered probes after which a database session is dead.
+    #[arg(long, env = "NUDGE_DB_KEEPALIVE_COUNT", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100), global = true)]
+    pub db_keepalive_count: u32,
+
+    /// TCP user timeout on database sessions: data unacknowledged this long kills the session (Linux).
+    #[arg(long, env = "NUDGE_DB_TCP_USER_TIMEOUT", default_value = "20s", value_parser = duration, global = true)]
+    pub db_tcp_user_timeout: Duration,
+
     /// Do not apply migrations at start (`serve` then waits until the schema is current).
     #[arg(long, env = "NUDGE_NO_MIGRATE", global = true)]
     pub no_migrate: bool,
@@ -195,6 +249,31 @@ pub struct ConnectionLimits {
     pub outbound_queue: usize,
     pub client_rate: u32,
     pub ping_interval: Duration,
+    /// A socket that accepts nothing for this long is closed with 1013.
+    pub write_timeout: Duration,
+}
+
+/// Limits on the HTTP side, before a connection becomes a WebSocket (`http.rs`).
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    pub header_timeout: Duration,
+    pub keep_alive_timeout: Duration,
+    pub max_header_size: usize,
+    /// Connections not yet upgraded.
+    pub max_pending: usize,
+    /// Connections per IP address, upgraded or not; `None`: no limit.
+    pub max_per_ip: Option<usize>,
+}
+
+/// How nudge notices a database session that went away without a word (`db` module).
+#[derive(Debug, Clone)]
+pub struct DatabaseTimeouts {
+    pub keepalive_idle: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_count: u32,
+    pub tcp_user_timeout: Duration,
+    /// Client-side limit on each query nudge sends through its pools.
+    pub statement: Duration,
 }
 
 /// Settings of the claim loop and the retention sweep.
@@ -223,8 +302,12 @@ pub struct ServeConfig {
     pub allowed_origins: Vec<String>,
     pub max_connections: usize,
     pub limits: ConnectionLimits,
+    pub http: HttpLimits,
     pub relay: RelaySettings,
     pub pool_size: usize,
+    /// The separate pool for `resume` replays and slow-consumer catch-ups.
+    pub replay_pool_size: usize,
+    pub timeouts: DatabaseTimeouts,
     pub migrate: bool,
 }
 
@@ -272,6 +355,13 @@ impl Options {
             ("ping-interval", self.ping_interval),
             ("retention", self.retention),
             ("max-age", self.max_age),
+            ("write-timeout", self.write_timeout),
+            ("header-timeout", self.header_timeout),
+            ("keep-alive-timeout", self.keep_alive_timeout),
+            ("statement-timeout", self.statement_timeout),
+            ("db-keepalive-idle", self.db_keepalive_idle),
+            ("db-keepalive-interval", self.db_keepalive_interval),
+            ("db-tcp-user-timeout", self.db_tcp_user_timeout),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::Zero(name));
@@ -302,6 +392,14 @@ impl Options {
                 outbound_queue: self.outbound_queue as usize,
                 client_rate: self.client_rate,
                 ping_interval: self.ping_interval,
+                write_timeout: self.write_timeout,
+            },
+            http: HttpLimits {
+                header_timeout: self.header_timeout,
+                keep_alive_timeout: self.keep_alive_timeout,
+                max_header_size: self.max_header_size as usize,
+                max_pending: self.max_pending_connections as usize,
+                max_per_ip: (self.max_connections_per_ip > 0).then_some(self.max_connections_per_ip as usize),
             },
             relay: RelaySettings {
                 poll_interval: self.poll_interval,
@@ -311,12 +409,24 @@ impl Options {
                 max_age: self.max_age,
             },
             pool_size: self.pool_size as usize,
+            replay_pool_size: self.replay_pool_size as usize,
+            timeouts: self.database_timeouts(),
             migrate: !self.no_migrate,
         })
     }
 }
 
 impl Options {
+    pub fn database_timeouts(&self) -> DatabaseTimeouts {
+        DatabaseTimeouts {
+            keepalive_idle: self.db_keepalive_idle,
+            keepalive_interval: self.db_keepalive_interval,
+            keepalive_count: self.db_keepalive_count,
+            tcp_user_timeout: self.db_tcp_user_timeout,
+            statement: self.statement_timeout,
+        }
+    }
+
     fn tls(&self) -> Result<Option<tokio_rustls::TlsAcceptor>, ConfigError> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};

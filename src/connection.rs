@@ -583,6 +583,7 @@ mod tests {
                 outbound_queue: 256,
                 client_rate: 50,
                 ping_interval: Duration::from_secs(30),
+                write_timeout: Duration::from_secs(10),
             },
             pool: crate::db::pool(&config, 1).expect("pool"),
         });

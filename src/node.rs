@@ -51,9 +51,14 @@ pub async fn run(
         max_connections,
         limits,
         relay,
+        http: http_limits,
         pool_size,
+        replay_pool_size,
+        timeouts,
         migrate,
     } = config;
+    // Wired in by the HTTP, replay and database-timeout work that follows.
+    let _ = (&http_limits, replay_pool_size, &timeouts);
     let pool = db::pool(&database, pool_size)?;
     let listener = bind(listen).map_err(|source| StartError::Listen { addr: listen, source })?;
     let local = listener.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?;
