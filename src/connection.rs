@@ -1,17 +1,19 @@
 //! One WebSocket connection's state machine: authenticate, then serve requests and write queued events.
 //!
 //! One task per connection owns the socket; nothing else writes to it. Events reach it through the bounded
-//! queue the hub fills, replies are written directly. The task ends on the client's close, an error, an
-//! authentication failure (4001), an oversized frame (1009), an overflowed queue (1013), or shutdown (1001), and
-//! always unregisters from the hub on the way out.
+//! queue the hub fills, replies are written directly. A queue that overflowed makes the connection catch up from
+//! the table (`catch_up`) instead of closing it. The task ends on the client's close, an error, an authentication
+//! failure (4001), an oversized frame (1009), a socket that accepts nothing for `NUDGE_WRITE_TIMEOUT` (1013), or
+//! shutdown (1001), and always unregisters from the hub on the way out, even if it panicked.
 
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::Pool;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -25,17 +27,17 @@ use crate::config::ConnectionLimits;
 use crate::db::events;
 use crate::health::Metrics;
 use crate::hub::{ConnId, Frame, Hub};
-use crate::outbox::Outbox;
+use crate::outbox::{Next, Outbox};
 use crate::protocol::{self, ErrorCode, Reply, Request};
 use crate::shutdown::Shutdown;
 use crate::wake::Wakeups;
 
-/// A write that takes longer than this means the peer stopped reading; the connection is dropped.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Queued events written per flush: several frames per syscall, but a bounded stall for replies.
 const FRAMES_PER_FLUSH: usize = 64;
 /// Events one `resume` replays at most; beyond that the reply says `complete: false` and the client refetches.
 pub const RESUME_LIMIT: i64 = 1000;
+/// Events one catch-up query reads; a catch-up repeats it until it reaches the cursor.
+const CATCH_UP_BATCH: i64 = 1000;
 
 /// What every connection needs from the rest of nudge.
 pub struct Shared {
@@ -45,8 +47,11 @@ pub struct Shared {
     pub authenticator: Arc<Authenticator>,
     pub metrics: Arc<Metrics>,
     pub limits: ConnectionLimits,
-    /// For `resume` replays.
-    pub pool: Pool,
+    /// For `resume` replays and catch-ups: a pool of its own (`NUDGE_REPLAY_POOL_SIZE`), so that a storm of
+    /// replays queues behind itself, never in front of claims and live delivery.
+    pub replay_pool: Pool,
+    /// Client-side limit on each replay query.
+    pub statement_timeout: Duration,
 }
 
 impl Shared {
@@ -66,11 +71,12 @@ impl Shared {
 struct Session {
     id: ConnId,
     identity: Identity,
-    /// Events routed to this connection; `None` from `pop` means the hub closed it: we did not read.
+    /// Events routed to this connection, or word that it fell behind and must catch up from the table.
     outbox: Arc<Outbox>,
     /// At most `max_subscriptions`, so a Vec and a linear search.
     topics: Vec<Box<str>>,
-    /// Highest seq written to the socket; live frames at or below it were already sent by a `resume` replay.
+    /// Highest seq written to the socket; live frames at or below it were already sent by a `resume` replay or
+    /// a catch-up. Where a catch-up starts.
     last_sent_seq: i64,
     /// Live events written before a `resume` (it comes right after subscribing, so these are few): the replay
     /// leaves them out. Dropped after `SENT_BEFORE_RESUME` entries, to keep long-lived connections small.
@@ -113,7 +119,15 @@ pub async fn serve<S>(
 {
     let rate = RateLimit::new(shared.limits.client_rate);
     let mut connection = Connection { ws, shared, peer, session: None, rate, last_heard: Instant::now() };
-    let reason = connection.run(identity, shutdown).await;
+    // A panic here must not leave the connection registered (the hub would route to a dead queue forever): it
+    // is caught, logged by the panic hook and below, and the connection unregisters like any other.
+    let reason = match AssertUnwindSafe(connection.run(identity, shutdown)).catch_unwind().await {
+        Ok(reason) => reason,
+        Err(_) => {
+            tracing::error!(%peer, "connection task panicked; unregistering it");
+            "connection task panicked".to_owned()
+        }
+    };
     match &connection.session {
         Some(session) => {
             tracing::info!(conn = session.id, user = %session.identity.user, %peer, %reason, "connection closed");
@@ -155,9 +169,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 biased;
                 _ = shutdown.triggered() => Step::Close { code: protocol::CLOSE_GOING_AWAY, reason: "server shutting down", error: None },
                 inbound = self.ws.next() => Box::pin(self.on_inbound(inbound, &mut deadline)).await,
-                frame = next_event(&mut self.session) => match frame {
-                    Some(frame) => Box::pin(self.write_events(frame)).await,
-                    None => Step::Close { code: protocol::CLOSE_TOO_SLOW, reason: "outbound queue overflowed", error: None },
+                next = next_event(&mut self.session) => match next {
+                    Next::Frame(frame) => Box::pin(self.write_events(frame)).await,
+                    Next::Behind => Box::pin(self.catch_up()).await,
                 },
                 _ = &mut deadline => match &self.session {
                     None => Step::Close {
@@ -186,6 +200,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 Step::Continue => {}
                 Step::Gone(reason) => return reason,
                 Step::Close { code, reason, error } => {
+                    if code == protocol::CLOSE_TOO_SLOW {
+                        self.shared.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                    }
                     // Boxed, like other rare paths: what the idle connection future does not hold costs nothing.
                     Box::pin(async {
                         if let Some((code, message, reference)) = error {
@@ -295,7 +312,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Request::Unsubscribe { topic } => {
                 if let Some(at) = session.topics.iter().position(|t| **t == *topic) {
                     session.topics.swap_remove(at);
+                    // The hub first (no new frames of the topic), then what is already queued.
                     self.shared.hub.unsubscribe(session.id, &topic);
+                    session.outbox.purge_topic(&topic);
                 }
                 written(self.reply(Reply::Unsubscribed { topic: &topic }, reference).await)
             }
@@ -321,6 +340,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 session.topics = kept;
                 for topic in &revoked {
                     self.shared.hub.unsubscribe(session.id, topic);
+                    session.outbox.purge_topic(topic);
                 }
                 deadline.as_mut().reset(instant_of(identity.valid_until));
                 let expires_at = identity.expires_at;
@@ -355,42 +375,98 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Write this event and whatever else is queued, up to a bound, with one `write()`: the frames are encoded
     /// into one buffer (`protocol::encode_text_frame`) and written to the socket directly. One write per frame
-    /// costs several times more per event (issue 6's measurements, and nudge-bench's topic scenarios).
+    /// costs several times more per event (nudge-bench's topic scenarios).
     async fn write_events(&mut self, first: Frame) -> Step {
-        let result = tokio::time::timeout(WRITE_TIMEOUT, async {
-            let Some(session) = &mut self.session else { return Ok(()) };
-            let mut frames = Vec::with_capacity(FRAMES_PER_FLUSH);
-            frames.push(first);
-            session.outbox.pop_many(&mut frames, FRAMES_PER_FLUSH - 1);
-            let mut batch = Vec::new();
-            for frame in frames {
-                // At or below last_sent_seq: a resume replay already wrote it.
-                if frame.seq > session.last_sent_seq {
-                    if let (false, SentBeforeResume::Seqs(seqs)) = (session.resumed, &mut session.sent_before_resume) {
-                        if seqs.len() < SENT_BEFORE_RESUME {
-                            seqs.push(frame.seq);
-                        } else {
-                            session.sent_before_resume = SentBeforeResume::TooMany;
-                        }
+        let Some(session) = &mut self.session else { return Step::Continue };
+        let mut frames = Vec::with_capacity(FRAMES_PER_FLUSH);
+        frames.push(first);
+        session.outbox.pop_many(&mut frames, FRAMES_PER_FLUSH - 1);
+        self.write_frames(&frames).await
+    }
+
+    /// Write event frames not yet written (seq above `last_sent_seq`), in one buffer, remembering what was sent.
+    async fn write_frames(&mut self, frames: &[Frame]) -> Step {
+        let Some(session) = &mut self.session else { return Step::Continue };
+        let mut batch = Vec::new();
+        for frame in frames {
+            // At or below last_sent_seq: a resume replay or a catch-up already wrote it.
+            if frame.seq > session.last_sent_seq {
+                if let (false, SentBeforeResume::Seqs(seqs)) = (session.resumed, &mut session.sent_before_resume) {
+                    if seqs.len() < SENT_BEFORE_RESUME {
+                        seqs.push(frame.seq);
+                    } else {
+                        session.sent_before_resume = SentBeforeResume::TooMany;
                     }
-                    session.last_sent_seq = frame.seq;
-                    protocol::encode_text_frame(&mut batch, frame.text.as_bytes());
                 }
+                session.last_sent_seq = frame.seq;
+                protocol::encode_text_frame(&mut batch, frame.text.as_bytes());
             }
-            if batch.is_empty() {
-                return Ok(());
+        }
+        if batch.is_empty() {
+            return Step::Continue;
+        }
+        let limit = self.shared.limits.write_timeout;
+        // Anything tungstenite still holds (a reply, an automatic pong) goes first: frames never interleave.
+        match tokio::time::timeout(limit, self.ws.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Step::Gone(format!("write failed: {e}")),
+            Err(_) => return not_reading(),
+        }
+        match write_with_progress(self.ws.get_mut(), &batch, limit).await {
+            Ok(()) => Step::Continue,
+            Err(Stalled::Io(e)) => Step::Gone(format!("write failed: {e}")),
+            // Nothing of this batch went out: the stream is at a frame boundary, a close frame is still valid.
+            Err(Stalled::AtBoundary) => not_reading(),
+            Err(Stalled::MidFrame) => {
+                // A close frame now would be read as the rest of the cut frame: drop the socket instead.
+                self.shared.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                Step::Gone("not reading (write timed out mid-frame)".into())
             }
-            // Anything tungstenite still holds (a reply, an automatic pong) goes first: frames never interleave.
-            self.ws.flush().await?;
-            let socket = self.ws.get_mut();
-            socket.write_all(&batch).await?;
-            socket.flush().await.map_err(WsError::Io)
-        })
-        .await;
-        match result {
-            Ok(Ok(())) => Step::Continue,
-            Ok(Err(e)) => Step::Gone(format!("write failed: {e}")),
-            Err(_) => Step::Gone("write timed out: peer not reading".into()),
+        }
+    }
+
+    /// The outbox overflowed and has been refusing live frames: rejoin the live stream, then write from the
+    /// table what was refused, i.e. this connection's events in (last written, cursor at rejoin]. Live frames
+    /// queued meanwhile are all above that cursor and follow. If the queue overflows again during this, the
+    /// outbox falls behind again and, once drained, sends us here again.
+    async fn catch_up(&mut self) -> Step {
+        let Some(session) = &mut self.session else { return Step::Continue };
+        let until = self.shared.hub.rejoin(&session.outbox);
+        // The seqs written now are not remembered one by one: a later `resume` replays nothing (incomplete).
+        session.sent_before_resume = SentBeforeResume::TooMany;
+        loop {
+            let Some(session) = &self.session else { return Step::Continue };
+            let since = session.last_sent_seq;
+            if since >= until {
+                return Step::Continue;
+            }
+            let topics: Vec<&str> = session.topics.iter().map(|t| &**t).collect();
+            let user = session.identity.user.clone();
+            let replay = events::within(
+                self.shared.statement_timeout,
+                events::replay(&self.shared.replay_pool, &user, &topics, since, until, CATCH_UP_BATCH),
+            )
+            .await;
+            drop(topics);
+            let replay = match replay {
+                Ok(replay) => replay,
+                Err(e) => {
+                    tracing::warn!(user = %user, "catch-up failed, closing the connection (it can resume): {e}");
+                    return Step::Close { code: protocol::CLOSE_TOO_SLOW, reason: "could not catch up", error: None };
+                }
+            };
+            if replay.events.is_empty() && !replay.complete {
+                // Deleted after the retention while this connection was behind: it must refetch.
+                return Step::Close { code: protocol::CLOSE_TOO_SLOW, reason: "fell behind the retention", error: None };
+            }
+            let frames: Vec<Frame> = replay.events.iter().map(|e| crate::hub::encode(e, None)).collect();
+            if let step @ (Step::Close { .. } | Step::Gone(_)) = self.write_frames(&frames).await {
+                return step;
+            }
+            if let Some(session) = &mut self.session {
+                // Nothing else of this connection's lies below `reached`.
+                session.last_sent_seq = session.last_sent_seq.max(replay.reached);
+            }
         }
     }
 
@@ -428,7 +504,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             };
         let topics: Vec<&str> = session.topics.iter().map(|t| &**t).collect();
         let user = session.identity.user.clone();
-        let replay = events::replay(&self.shared.pool, &user, &topics, since, until, RESUME_LIMIT).await;
+        let replay = events::within(
+            self.shared.statement_timeout,
+            events::replay(&self.shared.replay_pool, &user, &topics, since, until, RESUME_LIMIT),
+        )
+        .await;
         drop(topics);
         let (mut events, complete, skip_through) = match replay {
             Ok(replay) => (replay.events, replay.complete && known, replay.skip_through),
@@ -441,7 +521,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         events.retain(|event| !already_sent.contains(&event.seq));
         let replayed = events.len();
         for event in &events {
-            let frame = crate::hub::encode(event);
+            let frame = crate::hub::encode(event, None);
             if let Err(e) = self.write(Message::Text(frame.text)).await {
                 return Step::Gone(format!("write failed: {e}"));
             }
@@ -462,7 +542,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     async fn write(&mut self, message: Message) -> Result<(), WsError> {
-        match tokio::time::timeout(WRITE_TIMEOUT, self.ws.send(message)).await {
+        match tokio::time::timeout(self.shared.limits.write_timeout, self.ws.send(message)).await {
             Ok(result) => result,
             Err(_) => Err(WsError::Io(std::io::ErrorKind::TimedOut.into())),
         }
@@ -511,11 +591,44 @@ fn unauthorized(message: String, reference: Option<&Value>) -> Step {
     }
 }
 
-/// The next queued event, or pending forever before authentication.
-async fn next_event(session: &mut Option<Session>) -> Option<Frame> {
+/// The next queued event (or catch-up), or pending forever before authentication.
+async fn next_event(session: &mut Option<Session>) -> Next {
     match session {
-        Some(session) => session.outbox.pop().await,
+        Some(session) => session.outbox.next().await,
         None => std::future::pending().await,
+    }
+}
+
+fn not_reading() -> Step {
+    Step::Close { code: protocol::CLOSE_TOO_SLOW, reason: "not reading", error: None }
+}
+
+/// Why `write_with_progress` gave up.
+enum Stalled {
+    Io(std::io::Error),
+    /// No byte of the buffer was accepted within the limit.
+    AtBoundary,
+    /// Part of it was: the stream now ends inside a frame.
+    MidFrame,
+}
+
+/// Write all of `buf`, giving up only when the socket accepts nothing for `limit`: a slow reader that keeps
+/// reading is never cut off, one that stopped is noticed after `limit` whatever the batch's size.
+async fn write_with_progress<W: AsyncWrite + Unpin>(socket: &mut W, buf: &[u8], limit: Duration) -> Result<(), Stalled> {
+    let mut written = 0;
+    while written < buf.len() {
+        match tokio::time::timeout(limit, socket.write(&buf[written..])).await {
+            Ok(Ok(0)) => return Err(Stalled::Io(std::io::ErrorKind::WriteZero.into())),
+            Ok(Ok(n)) => written += n,
+            Ok(Err(e)) => return Err(Stalled::Io(e)),
+            Err(_) if written == 0 => return Err(Stalled::AtBoundary),
+            Err(_) => return Err(Stalled::MidFrame),
+        }
+    }
+    match tokio::time::timeout(limit, socket.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Stalled::Io(e)),
+        Err(_) => Err(Stalled::MidFrame),
     }
 }
 
@@ -558,10 +671,7 @@ mod tests {
     use super::*;
     use crate::auth::{JwtAlgorithm, JwtKey, JwtSettings};
 
-    /// The connection task's future is allocated once per connection and lives as long as the socket: its size
-    /// is a direct part of the memory per idle connection.
-    #[tokio::test]
-    async fn the_connection_future_stays_small() {
+    fn shared() -> Arc<Shared> {
         let authenticator = Authenticator::new(JwtSettings {
             algorithm: JwtAlgorithm::Hs256,
             key: JwtKey::Secret("0123456789abcdef0123456789abcdef".into()),
@@ -571,7 +681,7 @@ mod tests {
         })
         .expect("settings");
         let config: tokio_postgres::Config = "host=127.0.0.1 user=x dbname=x".parse().expect("config");
-        let shared = Arc::new(Shared {
+        Arc::new(Shared {
             hub: Arc::new(Hub::new()),
             wakeups: Arc::default(),
             authenticator: Arc::new(authenticator),
@@ -585,8 +695,72 @@ mod tests {
                 ping_interval: Duration::from_secs(30),
                 write_timeout: Duration::from_secs(10),
             },
-            pool: crate::db::pool(&config, 1).expect("pool"),
-        });
+            replay_pool: crate::db::pool(&config, 1).expect("pool"),
+            statement_timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// A socket whose reads panic: stands in for any bug on a connection's path.
+    struct PanickingReads(tokio::io::DuplexStream);
+
+    impl AsyncRead for PanickingReads {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            panic!("injected fault in the connection's read path");
+        }
+    }
+
+    impl AsyncWrite for PanickingReads {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_task_that_panics_still_leaves_the_hub() {
+        let shared = shared();
+        let (io, _peer) = tokio::io::duplex(4096);
+        let ws = WebSocketStream::from_raw_socket(
+            PanickingReads(io),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        let identity = Identity {
+            user: "alice".into(),
+            expires_at: 0,
+            valid_until: SystemTime::now() + Duration::from_secs(60),
+            topics: crate::auth::TopicPatterns::default(),
+        };
+        let (_trigger, shutdown) = crate::shutdown::channel();
+        serve(ws, shared.clone(), Some(identity), "127.0.0.1:1".parse().expect("addr"), shutdown).await;
+        assert_eq!(shared.hub.connections(), 0);
+    }
+
+    /// The connection task's future is allocated once per connection and lives as long as the socket: its size
+    /// is a direct part of the memory per idle connection.
+    #[tokio::test]
+    async fn the_connection_future_stays_small() {
+        let shared = shared();
         let (io, _peer) = tokio::io::duplex(64);
         let ws =
             WebSocketStream::from_raw_socket(io, tokio_tungstenite::tungstenite::protocol::Role::Server, None).await;

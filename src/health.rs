@@ -94,7 +94,13 @@ pub struct Metrics {
     pub claimed: AtomicU64,
     pub expired: AtomicU64,
     pub delivered: AtomicU64,
-    pub overflowed: AtomicU64,
+    /// Times a connection's queue overflowed and it switched to catching up from the table.
+    pub fell_behind: AtomicU64,
+    /// Connections closed with 1013: their socket accepted nothing for `NUDGE_WRITE_TIMEOUT`, or a catch-up
+    /// found its events already deleted.
+    pub slow_consumers: AtomicU64,
+    /// Claimed rows that could not be decoded (skipped, with a WARN naming the id).
+    pub rejected: AtomicU64,
     pub deleted: AtomicU64,
     pub connections_opened: AtomicU64,
 }
@@ -123,8 +129,18 @@ impl Metrics {
         counter("nudge_deliveries_total", "Event frames queued to connections.", get(&self.delivered));
         counter(
             "nudge_slow_consumers_total",
-            "Connections closed because their queue overflowed.",
-            get(&self.overflowed),
+            "Connections closed with 1013: their socket accepted nothing for NUDGE_WRITE_TIMEOUT.",
+            get(&self.slow_consumers),
+        );
+        counter(
+            "nudge_connections_behind_total",
+            "Times a connection's queue overflowed and it caught up from the table instead of taking live frames.",
+            get(&self.fell_behind),
+        );
+        counter(
+            "nudge_events_rejected_total",
+            "Claimed events that could not be decoded and were skipped (each logged with its id).",
+            get(&self.rejected),
         );
         counter("nudge_events_deleted_total", "Processed events deleted by retention.", get(&self.deleted));
         counter("nudge_connections_opened_total", "Authenticated connections opened.", get(&self.connections_opened));

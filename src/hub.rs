@@ -1,34 +1,32 @@
 //! The hub: who is online on this node, by user and by topic, and the routing of claimed events to them.
 //!
 //! Each authenticated connection registers an `Outbox` (a bounded queue). Routing never blocks and never waits
-//! for a socket: it serializes each event once and pushes the shared frame into every matching `Outbox`. An
-//! outbox that stays full means the client is not reading; the hub unregisters and closes it, and the connection
-//! closes itself with 1013 once it has written what is already queued.
+//! for a socket: it serializes each event once and pushes the shared frame into every matching `Outbox` with
+//! `try_push_many`. An outbox that overflows falls *behind* (outbox.rs): it refuses live frames until its
+//! connection has read what it missed from the table and `rejoin`ed, so a slow client costs nobody else anything.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::db::events::Event;
 use crate::health::Metrics;
-use crate::outbox::{Outbox, PushError};
+use crate::outbox::Outbox;
 use crate::protocol::EventFrame;
-
-/// How long routing waits for a full outbox to make room before it decides the client is not reading.
-pub const OVERFLOW_GRACE: Duration = Duration::from_millis(500);
 
 /// One connection's id, unique for the life of the process.
 pub type ConnId = u64;
 
 /// A serialized event, cheap to clone: every recipient of an event shares one allocation. The seq travels with
-/// it so a connection can drop what a `resume` replay already sent.
+/// it so a connection can drop what a `resume` replay or a catch-up already sent; the topic (topic events only)
+/// so that an `unsubscribe` can purge what is still queued.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     pub seq: i64,
     pub text: Utf8Bytes,
+    pub topic: Option<Arc<str>>,
 }
 
 pub struct Hub {
@@ -58,9 +56,10 @@ struct Maps {
 /// What a routing call did, for metrics and logs.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Routed {
+    /// Frames queued.
     pub delivered: u64,
-    /// Connections dropped because their outbox overflowed.
-    pub overflowed: u64,
+    /// Connections whose outbox overflowed in this batch: they catch up from the table.
+    pub fell_behind: u64,
 }
 
 impl Hub {
@@ -68,7 +67,7 @@ impl Hub {
         Self::default()
     }
 
-    /// Register an authenticated connection of `user`; its events arrive on the returned receiver.
+    /// Register an authenticated connection of `user`; its events arrive in the returned outbox.
     pub fn register(&self, user: &Arc<str>, queue: usize) -> (ConnId, Arc<Outbox>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let outbox = Arc::new(Outbox::new(queue));
@@ -104,39 +103,26 @@ impl Hub {
         self.write().unsubscribe(id, topic);
     }
 
-    /// Route one claimed batch, in order. Called by the relay after the claim transaction committed.
+    /// Route one claimed batch, in order, and advance the cursor to its last seq. Called by the delivery loop
+    /// only, one batch at a time, in seq order. Never waits: see the module doc.
     ///
-    /// Frames go into outboxes with `try_push` under the read lock. A connection whose outbox is full is not
-    /// dropped at once: a claim batch can hold more events for one connection than its queue, and a client
-    /// reading at full speed must not be punished for that. Its remaining frames of this batch are kept in
-    /// order and sent after the lock is released, waiting for room for at most `OVERFLOW_GRACE`; a connection
-    /// still full by then is not reading, and is dropped.
-    pub async fn route(&self, events: &[Event], metrics: &Metrics) -> Routed {
+    /// `through` is the batch's last seq when its last rows could not be decoded (skipped, so `events` ends
+    /// earlier): the cursor must still move past them.
+    pub fn route(&self, events: &[Event], through: Option<i64>, metrics: &Metrics) -> Routed {
         let mut routed = Routed::default();
-        // Connections that were full at some point in this batch, with the frames they still have to get.
-        let mut blocked: HashMap<ConnId, (Arc<Outbox>, Vec<Frame>)> = HashMap::new();
         {
             let maps = self.read();
             let mut push = |id: &ConnId, frames: &[Frame]| {
-                if let Some((_, waiting)) = blocked.get_mut(id) {
-                    // Behind earlier frames that are waiting: keep the order.
-                    waiting.extend_from_slice(frames);
-                    return;
-                }
                 let Some(outbox) = maps.outboxes.get(id) else { return };
-                // Err is only Closed: the connection is on its way out.
-                if let Ok(queued) = outbox.try_push_many(frames) {
-                    routed.delivered += queued as u64;
-                    if queued < frames.len() {
-                        blocked.insert(*id, (outbox.clone(), frames[queued..].to_vec()));
-                    }
-                }
+                let pushed = outbox.push(frames);
+                routed.delivered += pushed.queued as u64;
+                routed.fell_behind += u64::from(pushed.fell_behind);
             };
             let mut rest = events;
             while let Some(event) = rest.first() {
                 match &event.recipients {
                     Some(users) => {
-                        let frame = [encode(event)];
+                        let frame = [encode(event, None)];
                         for user in users {
                             for id in maps.by_user.get(user.as_str()).into_iter().flatten() {
                                 push(id, &frame);
@@ -147,7 +133,8 @@ impl Hub {
                     None => {
                         // A run of events on one topic goes to each subscriber with one lock and one wake-up.
                         let run = rest.iter().take_while(|e| e.recipients.is_none() && e.topic == event.topic).count();
-                        let frames: Vec<Frame> = rest[..run].iter().map(encode).collect();
+                        let topic: Arc<str> = event.topic.as_str().into();
+                        let frames: Vec<Frame> = rest[..run].iter().map(|e| encode(e, Some(&topic))).collect();
                         for id in maps.by_topic.get(event.topic.as_str()).into_iter().flatten() {
                             push(id, &frames);
                         }
@@ -155,44 +142,24 @@ impl Hub {
                     }
                 }
             }
-            if let Some(last) = events.last() {
-                self.cursor.store(last.seq, Ordering::SeqCst);
-            }
-        }
-        if !blocked.is_empty() {
-            let deadline = tokio::time::Instant::now() + OVERFLOW_GRACE;
-            let waits = blocked.into_iter().map(|(id, (outbox, frames))| async move {
-                let mut sent = 0u64;
-                for frame in frames {
-                    match outbox.push_until(frame, deadline).await {
-                        Ok(()) => sent += 1,
-                        Err(PushError::Closed) => return (id, sent, false),
-                        Err(PushError::Full(_)) => return (id, sent, true),
-                    }
-                }
-                (id, sent, false)
-            });
-            let mut overflowed = Vec::new();
-            for (id, sent, stuck) in futures_util::future::join_all(waits).await {
-                routed.delivered += sent;
-                if stuck {
-                    overflowed.push(id);
-                }
-            }
-            if !overflowed.is_empty() {
-                let mut maps = self.write();
-                for id in &overflowed {
-                    // Closing is the signal: the connection drains its queue, then closes with 1013.
-                    if let Some(outbox) = maps.outboxes.remove(id) {
-                        outbox.close();
-                    }
-                }
-                routed.overflowed = overflowed.len() as u64;
+            // Still under the read lock: a connection that subscribes or rejoins (write lock) afterwards sees
+            // this batch as routed.
+            if let Some(last) = events.last().map(|e| e.seq).max(through) {
+                self.cursor.store(last, Ordering::SeqCst);
             }
         }
         metrics.delivered.fetch_add(routed.delivered, Ordering::Relaxed);
-        metrics.overflowed.fetch_add(routed.overflowed, Ordering::Relaxed);
+        metrics.fell_behind.fetch_add(routed.fell_behind, Ordering::Relaxed);
         routed
+    }
+
+    /// Put a connection that caught up back on the live stream; returns the cursor at that instant. Under the
+    /// write lock no batch is half routed, so every event up to the returned seq was refused by this outbox (the
+    /// caller reads it from the table) and every later one will be queued.
+    pub fn rejoin(&self, outbox: &Outbox) -> i64 {
+        let _maps = self.write();
+        outbox.resume_live();
+        self.cursor.load(Ordering::SeqCst)
     }
 
     /// The highest seq routed on this node (-1 before `start_at`).
@@ -231,8 +198,9 @@ impl Maps {
     }
 }
 
-/// The event frame exactly as clients receive it (also used for `resume` replays, written outside the hub).
-pub fn encode(event: &Event) -> Frame {
+/// The event frame exactly as clients receive it (also used for `resume` replays and catch-ups, written outside
+/// the hub). `topic` is set for topic events routed to subscribers.
+pub fn encode(event: &Event, topic: Option<&Arc<str>>) -> Frame {
     let frame = EventFrame {
         frame_type: "event",
         id: event.id,
@@ -243,7 +211,7 @@ pub fn encode(event: &Event) -> Frame {
         data: &event.data,
     };
     // Serializing borrowed strings and a RawValue cannot fail.
-    Frame { seq: event.seq, text: serde_json::to_string(&frame).unwrap_or_default().into() }
+    Frame { seq: event.seq, text: serde_json::to_string(&frame).unwrap_or_default().into(), topic: topic.cloned() }
 }
 
 #[cfg(test)]
@@ -263,8 +231,14 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn routes_personal_events_to_every_connection_of_the_user_and_topic_events_to_subscribers() {
+    fn ids(outbox: &Outbox) -> Vec<i64> {
+        let mut frames = Vec::new();
+        outbox.pop_many(&mut frames, usize::MAX);
+        frames.iter().map(|f| f.seq).collect()
+    }
+
+    #[test]
+    fn routes_personal_events_to_every_connection_of_the_user_and_topic_events_to_subscribers() {
         let hub = Hub::new();
         let metrics = Metrics::default();
         let alice: Arc<str> = "alice".into();
@@ -275,49 +249,43 @@ mod tests {
         hub.subscribe(b1, "post:1");
         hub.subscribe(a1, "post:2");
 
-        let routed = hub.route(&[event(1, "x", Some(&["alice"])), event(2, "post:1", None)], &metrics).await;
-        assert_eq!(routed, Routed { delivered: 3, overflowed: 0 });
-        assert!(rx_a1.try_pop().expect("a1").text.contains("\"id\":1"));
-        assert!(rx_a2.try_pop().expect("a2").text.contains("\"id\":1"));
-        assert!(rx_b1.try_pop().expect("b1").text.contains("\"id\":2"));
-        assert!(rx_a1.try_pop().is_none());
+        let routed = hub.route(&[event(1, "x", Some(&["alice"])), event(2, "post:1", None)], None, &metrics);
+        assert_eq!(routed, Routed { delivered: 3, fell_behind: 0 });
+        assert_eq!((ids(&rx_a1), ids(&rx_a2), ids(&rx_b1)), (vec![1], vec![1], vec![2]));
+        assert_eq!(hub.cursor(), 2);
 
         hub.unregister(a1, "alice", ["post:2"]);
-        assert_eq!(hub.route(&[event(3, "post:2", None)], &metrics).await.delivered, 0);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_full_outbox_that_stays_full_is_dropped_not_grown() {
-        let hub = Hub::new();
-        let metrics = Metrics::default();
-        let user: Arc<str> = "u".into();
-        let (_id, rx) = hub.register(&user, 2);
-        let events: Vec<_> = (1..=3).map(|i| event(i, "t", Some(&["u"]))).collect();
-        // Nobody reads: after the grace period the connection is dropped, with the queue still at its cap.
-        assert_eq!(hub.route(&events, &metrics).await, Routed { delivered: 2, overflowed: 1 });
-        assert!(rx.try_pop().is_some());
-        assert!(rx.try_pop().is_some());
-        // Closed: the connection sees the end of its queue and closes with 1013.
-        assert!(rx.pop().await.is_none());
+        assert_eq!(hub.route(&[event(3, "post:2", None)], None, &metrics).delivered, 0);
     }
 
     #[tokio::test]
-    async fn a_reader_keeping_up_gets_a_batch_larger_than_its_queue_in_order() {
-        let hub = Arc::new(Hub::new());
+    async fn a_full_outbox_falls_behind_without_delaying_anyone_and_rejoins_at_the_cursor() {
+        let hub = Hub::new();
         let metrics = Metrics::default();
-        let user: Arc<str> = "u".into();
-        let (_id, rx) = hub.register(&user, 4);
-        let reader = tokio::spawn(async move {
-            let mut ids = Vec::new();
-            while ids.len() < 100 {
-                let Some(frame) = rx.pop().await else { break };
-                let value: serde_json::Value = serde_json::from_str(&frame.text).expect("json");
-                ids.push(value["id"].as_i64().expect("id"));
-            }
-            ids
-        });
-        let events: Vec<_> = (1..=100).map(|i| event(i, "t", Some(&["u"]))).collect();
-        assert_eq!(hub.route(&events, &metrics).await, Routed { delivered: 100, overflowed: 0 });
-        assert_eq!(reader.await.expect("reader"), (1..=100).collect::<Vec<_>>());
+        let (slow, fast): (Arc<str>, Arc<str>) = ("slow".into(), "fast".into());
+        let (_s, slow_rx) = hub.register(&slow, 2);
+        let (_f, fast_rx) = hub.register(&fast, 100);
+        let events: Vec<_> = (1..=3).map(|i| event(i, "t", Some(&["slow", "fast"]))).collect();
+        // Returns at once: nobody waits for the slow reader.
+        assert_eq!(hub.route(&events, None, &metrics), Routed { delivered: 5, fell_behind: 1 });
+        assert_eq!(ids(&fast_rx), [1, 2, 3]);
+        // Behind: later events are refused whole, so the queue never holds a frame newer than a refused one.
+        hub.route(&[event(4, "t", Some(&["slow"]))], None, &metrics);
+        assert_eq!(ids(&slow_rx), [1, 2]);
+        assert_eq!(slow_rx.next().await, crate::outbox::Next::Behind);
+        // The catch-up reads (2, 4] from the table, then rejoins; the next event is queued live.
+        assert_eq!(hub.rejoin(&slow_rx), 4);
+        hub.route(&[event(5, "t", Some(&["slow"]))], None, &metrics);
+        assert_eq!(ids(&slow_rx), [5]);
+    }
+
+    #[test]
+    fn skipped_rows_at_the_end_of_a_batch_still_advance_the_cursor() {
+        let hub = Hub::new();
+        let metrics = Metrics::default();
+        hub.route(&[event(1, "t", None)], Some(3), &metrics);
+        assert_eq!(hub.cursor(), 3);
+        hub.route(&[], Some(5), &metrics);
+        assert_eq!(hub.cursor(), 5);
     }
 }

@@ -57,9 +57,16 @@ pub async fn run(
         timeouts,
         migrate,
     } = config;
-    // Wired in by the HTTP, replay and database-timeout work that follows.
-    let _ = (&http_limits, replay_pool_size, &timeouts);
+    // Wired in by the HTTP and database-liveness work that follows.
+    let _ = &http_limits;
     let pool = db::pool(&database, pool_size)?;
+    // Replays and catch-ups on a pool of their own: however many clients resume at once, claims and live
+    // delivery never wait behind them (they wait for each other, up to the pool's wait timeout).
+    let mut replay_database = database.clone();
+    if replay_database.get_application_name().is_none() {
+        replay_database.application_name("nudge-replay");
+    }
+    let replay_pool = db::pool(&replay_database, replay_pool_size)?;
     let listener = bind(listen).map_err(|source| StartError::Listen { addr: listen, source })?;
     let local = listener.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?;
 
@@ -75,7 +82,8 @@ pub async fn run(
         authenticator: Arc::new(authenticator),
         metrics: metrics.clone(),
         limits,
-        pool: pool.clone(),
+        replay_pool,
+        statement_timeout: timeouts.statement,
     });
     let slots = Arc::new(Semaphore::new(max_connections));
     let server = Arc::new(http::Server {
@@ -98,6 +106,7 @@ pub async fn run(
         metrics,
         readiness,
         settings: relay,
+        statement_timeout: timeouts.statement,
     });
 
     let scheme = if tls.is_some() { "https/wss" } else { "http/ws" };

@@ -5,35 +5,47 @@
 //! is created, and every idle connection has one. An `Outbox` is a mutex around a `VecDeque` that allocates only
 //! when frames are queued and gives the memory back when it drains, so an idle connection's queue costs ~150 bytes.
 //! One producer and one consumer mean `Notify::notify_one`'s stored permit is enough: no wake-up is lost.
+//!
+//! **Overflow never waits and never loses.** Routing pushes what fits and, when a frame does not fit, marks the
+//! outbox *behind*: from then on it takes no live frames at all, so the queue never holds a frame newer than a
+//! dropped one. Every routed event is in `nudge.events` with its `seq`, so the connection, once it has written
+//! what is queued, reads what it missed from the table past the last seq it wrote, and rejoins the live stream
+//! through `Hub::rejoin` (connection.rs, `catch_up`). Memory per connection stays bounded by `capacity`.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
-use tokio::time::Instant;
 
 use crate::hub::Frame;
 
 pub struct Outbox {
     state: Mutex<State>,
-    /// Wakes the connection: a frame was queued, or the outbox was closed.
+    /// Wakes the connection: a frame was queued, the outbox fell behind, or it was closed.
     queued: Notify,
-    /// Wakes the hub waiting for room (`push_until`).
-    room: Notify,
     capacity: usize,
 }
 
 struct State {
     frames: VecDeque<Frame>,
-    /// Set by the hub when it drops the connection for not reading; the connection drains, then closes with 1013.
-    closed: bool,
+    /// A frame did not fit: live frames are refused until the connection has caught up from the table.
+    behind: bool,
 }
 
+/// What the connection does next.
 #[derive(Debug, PartialEq, Eq)]
-pub enum PushError {
-    /// The queue holds `capacity` frames; the frame is handed back.
-    Full(Frame),
-    Closed,
+pub enum Next {
+    Frame(Frame),
+    /// The queue is drained and frames were refused meanwhile: catch up from the table, then rejoin.
+    Behind,
+}
+
+/// What one push did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Pushed {
+    pub queued: usize,
+    /// This push overflowed the queue (it was not behind before).
+    pub fell_behind: bool,
 }
 
 /// A queue that outgrew this many slots is released when it drains, so a past burst does not stay resident.
@@ -42,75 +54,32 @@ const KEEP_CAPACITY: usize = 16;
 impl Outbox {
     pub fn new(capacity: usize) -> Self {
         Outbox {
-            state: Mutex::new(State { frames: VecDeque::new(), closed: false }),
+            state: Mutex::new(State { frames: VecDeque::new(), behind: false }),
             queued: Notify::new(),
-            room: Notify::new(),
             capacity: capacity.max(1),
         }
     }
 
-    /// Queue a frame unless the outbox is full or closed. Never waits.
-    pub fn try_push(&self, frame: Frame) -> Result<(), PushError> {
+    /// Queue `frames` in order, with one lock and one wake-up; never waits. Fewer queued than given means the
+    /// outbox is behind and the rest are for the catch-up to read from the table.
+    pub fn push(&self, frames: &[Frame]) -> Pushed {
         let mut state = self.lock();
-        if state.closed {
-            return Err(PushError::Closed);
-        }
-        if state.frames.len() >= self.capacity {
-            return Err(PushError::Full(frame));
-        }
-        state.frames.push_back(frame);
-        drop(state);
-        self.queued.notify_one();
-        Ok(())
-    }
-
-    /// Queue as many of `frames` as fit, in order, with one lock and one wake-up; returns how many were queued.
-    /// `Err(Closed)` if the outbox is closed. (A topic event batch goes to each subscriber this way.)
-    pub fn try_push_many(&self, frames: &[Frame]) -> Result<usize, PushError> {
-        let mut state = self.lock();
-        if state.closed {
-            return Err(PushError::Closed);
+        if state.behind {
+            return Pushed { queued: 0, fell_behind: false };
         }
         let room = self.capacity.saturating_sub(state.frames.len());
         let queued = frames.len().min(room);
         state.frames.extend(frames[..queued].iter().cloned());
+        let fell_behind = queued < frames.len();
+        state.behind = fell_behind;
         drop(state);
-        if queued > 0 {
+        if queued > 0 || fell_behind {
             self.queued.notify_one();
         }
-        Ok(queued)
+        Pushed { queued, fell_behind }
     }
 
-    /// Queue a frame, waiting for room until `deadline`. `Err(Full)` means the reader did not make room in time.
-    pub async fn push_until(&self, mut frame: Frame, deadline: Instant) -> Result<(), PushError> {
-        loop {
-            // Registered before trying, so a pop between the try and the wait still wakes us.
-            let room = self.room.notified();
-            match self.try_push(frame) {
-                Err(PushError::Full(back)) => frame = back,
-                done => return done,
-            }
-            if tokio::time::timeout_at(deadline, room).await.is_err() {
-                return Err(PushError::Full(frame));
-            }
-        }
-    }
-
-    /// The next frame, if one is queued now.
-    pub fn try_pop(&self) -> Option<Frame> {
-        let mut state = self.lock();
-        let frame = state.frames.pop_front();
-        if state.frames.is_empty() && state.frames.capacity() > KEEP_CAPACITY {
-            state.frames = VecDeque::new();
-        }
-        drop(state);
-        if frame.is_some() {
-            self.room.notify_one();
-        }
-        frame
-    }
-
-    /// Move up to `max` queued frames into `into`, with one lock and one wake-up; returns how many.
+    /// Move up to `max` queued frames into `into`, with one lock; returns how many.
     pub fn pop_many(&self, into: &mut Vec<Frame>, max: usize) -> usize {
         let mut state = self.lock();
         let n = state.frames.len().min(max);
@@ -118,31 +87,44 @@ impl Outbox {
         if state.frames.is_empty() && state.frames.capacity() > KEEP_CAPACITY {
             state.frames = VecDeque::new();
         }
-        drop(state);
-        if n > 0 {
-            self.room.notify_one();
-        }
         n
     }
 
-    /// The next frame, waiting for one; `None` once the outbox is closed and drained.
-    pub async fn pop(&self) -> Option<Frame> {
+    /// The next thing to do, waiting for it: a frame, or a catch-up (queue drained while behind).
+    pub async fn next(&self) -> Next {
         loop {
             let queued = self.queued.notified();
-            if let Some(frame) = self.try_pop() {
-                return Some(frame);
-            }
-            if self.lock().closed {
-                return None;
+            {
+                let mut state = self.lock();
+                if let Some(frame) = state.frames.pop_front() {
+                    if state.frames.is_empty() && state.frames.capacity() > KEEP_CAPACITY {
+                        state.frames = VecDeque::new();
+                    }
+                    return Next::Frame(frame);
+                }
+                if state.behind {
+                    return Next::Behind;
+                }
             }
             queued.await;
         }
     }
 
-    /// Refuse further frames; the reader gets what is queued, then `None`.
-    pub fn close(&self) {
-        self.lock().closed = true;
-        self.queued.notify_one();
+    /// Take live frames again. Called by `Hub::rejoin` under the hub's write lock, so that no routing is half
+    /// done: every batch up to the cursor it reads was refused whole, every later one is queued.
+    pub(crate) fn resume_live(&self) {
+        self.lock().behind = false;
+    }
+
+    /// Drop queued frames of `topic` (topic events only; personal events stay): called after the hub stopped
+    /// routing the topic here, so that nothing of a revoked topic is written after `unsubscribed`.
+    pub fn purge_topic(&self, topic: &str) {
+        self.lock().frames.retain(|frame| frame.topic.as_deref() != Some(topic));
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().frames.len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -154,69 +136,75 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
-    use std::time::Duration;
 
     fn frame(seq: i64) -> Frame {
-        Frame { seq, text: format!("{seq}").into() }
+        Frame { seq, text: format!("{seq}").into(), topic: None }
+    }
+
+    fn on(topic: &str, seq: i64) -> Frame {
+        Frame { seq, text: format!("{seq}").into(), topic: Some(topic.into()) }
+    }
+
+    fn queued(n: usize) -> Pushed {
+        Pushed { queued: n, fell_behind: false }
     }
 
     #[tokio::test]
-    async fn bounded_in_order_and_drained_after_close() {
+    async fn bounded_and_in_order() {
         let outbox = Outbox::new(2);
-        assert_eq!(outbox.try_push(frame(1)), Ok(()));
-        assert_eq!(outbox.try_push(frame(2)), Ok(()));
-        assert!(matches!(outbox.try_push(frame(3)), Err(PushError::Full(f)) if f.seq == 3));
-        outbox.close();
-        assert_eq!(outbox.try_push(frame(4)), Err(PushError::Closed));
-        assert_eq!(outbox.pop().await.map(|f| f.seq), Some(1));
-        assert_eq!(outbox.pop().await.map(|f| f.seq), Some(2));
-        assert_eq!(outbox.pop().await.map(|f| f.seq), None);
+        assert_eq!(outbox.push(&[frame(1), frame(2)]), queued(2));
+        assert_eq!(outbox.next().await, Next::Frame(frame(1)));
+        assert_eq!(outbox.next().await, Next::Frame(frame(2)));
     }
 
     #[tokio::test]
-    async fn many_at_once_queue_what_fits_in_order_and_pop_in_order() {
+    async fn an_overflow_refuses_every_later_frame_until_the_reader_rejoins() {
         let outbox = Outbox::new(3);
-        assert_eq!(outbox.try_push(frame(1)), Ok(()));
-        assert_eq!(outbox.try_push_many(&[frame(2), frame(3), frame(4)]), Ok(2));
+        assert_eq!(outbox.push(&[frame(1)]), queued(1));
+        // 2 and 3 fit, 4 does not: behind, and 5 is refused although a pop makes room.
+        assert_eq!(outbox.push(&[frame(2), frame(3), frame(4)]), Pushed { queued: 2, fell_behind: true });
+        assert_eq!(outbox.next().await, Next::Frame(frame(1)));
+        assert_eq!(outbox.push(&[frame(5)]), queued(0));
         let mut popped = Vec::new();
-        assert_eq!(outbox.pop_many(&mut popped, 2), 2);
-        assert_eq!(outbox.try_push_many(&[frame(4)]), Ok(1));
         assert_eq!(outbox.pop_many(&mut popped, 10), 2);
-        assert_eq!(popped.iter().map(|f| f.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
-        outbox.close();
-        assert_eq!(outbox.try_push_many(&[frame(5)]), Err(PushError::Closed));
+        assert_eq!(popped.iter().map(|f| f.seq).collect::<Vec<_>>(), [2, 3]);
+        // Drained while behind: the reader is told to catch up, not left waiting.
+        assert_eq!(outbox.next().await, Next::Behind);
+        outbox.resume_live();
+        assert_eq!(outbox.push(&[frame(6)]), queued(1));
+        assert_eq!(outbox.next().await, Next::Frame(frame(6)));
     }
 
     #[tokio::test]
-    async fn a_waiting_push_gets_room_when_the_reader_pops() {
-        let outbox = Arc::new(Outbox::new(1));
-        outbox.try_push(frame(1)).expect("room");
+    async fn a_reader_waiting_is_woken_by_falling_behind() {
+        let outbox = std::sync::Arc::new(Outbox::new(1));
         let reader = {
             let outbox = outbox.clone();
-            tokio::spawn(async move { (outbox.pop().await, outbox.pop().await) })
+            tokio::spawn(async move { (outbox.next().await, outbox.next().await) })
         };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        assert_eq!(outbox.push_until(frame(2), deadline).await, Ok(()));
-        let (first, second) = reader.await.expect("reader");
-        assert_eq!((first.map(|f| f.seq), second.map(|f| f.seq)), (Some(1), Some(2)));
+        tokio::task::yield_now().await;
+        assert_eq!(outbox.push(&[frame(1), frame(2)]), Pushed { queued: 1, fell_behind: true });
+        assert_eq!(reader.await.expect("reader"), (Next::Frame(frame(1)), Next::Behind));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_waiting_push_gives_up_at_the_deadline() {
-        let outbox = Outbox::new(1);
-        outbox.try_push(frame(1)).expect("room");
-        let deadline = Instant::now() + Duration::from_millis(500);
-        assert!(matches!(outbox.push_until(frame(2), deadline).await, Err(PushError::Full(_))));
+    #[test]
+    fn purging_a_topic_keeps_personal_frames_and_other_topics() {
+        let outbox = Outbox::new(10);
+        outbox.push(&[on("a", 1), frame(2), on("b", 3), on("a", 4)]);
+        outbox.purge_topic("a");
+        let mut left = Vec::new();
+        outbox.pop_many(&mut left, 10);
+        assert_eq!(left.iter().map(|f| f.seq).collect::<Vec<_>>(), [2, 3]);
     }
 
     #[test]
     fn a_drained_queue_gives_its_memory_back() {
         let outbox = Outbox::new(1000);
-        for seq in 0..500 {
-            outbox.try_push(frame(seq)).expect("room");
-        }
-        while outbox.try_pop().is_some() {}
+        let frames: Vec<_> = (0..500).map(frame).collect();
+        assert_eq!(outbox.push(&frames), queued(500));
+        let mut popped = Vec::new();
+        outbox.pop_many(&mut popped, 1000);
+        assert_eq!(outbox.len(), 0);
         assert_eq!(outbox.lock().frames.capacity(), 0);
     }
 }

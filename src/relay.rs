@@ -44,10 +44,12 @@ pub struct Relay {
     /// The direct session config (never PgBouncer) for the wake gate's session-level lock.
     pub gate_database: tokio_postgres::Config,
     /// Batches this node claimed, in claim order, waiting for the delivery loop (which alone routes).
-    pub fresh: Mutex<Vec<Vec<events::Event>>>,
+    pub fresh: Mutex<Vec<events::Batch>>,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     pub settings: RelaySettings,
+    /// Client-side limit on each query (`events::within`).
+    pub statement_timeout: Duration,
 }
 
 /// An awake relay goes back to NOTIFY once the rate falls below this share of `--awake-above`: lower than the
@@ -282,23 +284,17 @@ impl Relay {
         loop {
             let tell_others = self.peers.others_alive();
             let started = Instant::now();
-            let claimed =
-                events::claim_batch(&self.pool, self.settings.claim_batch, self.settings.max_age, tell_others).await?;
+            let claim = events::claim_batch(&self.pool, self.settings.claim_batch, self.settings.max_age, tell_others);
+            let claimed = events::within(self.statement_timeout, claim).await?;
             self.metrics.claim_durations.record(started.elapsed());
             total += claimed.claimed;
             self.metrics.claimed.fetch_add(claimed.claimed as u64, Ordering::Relaxed);
             self.metrics.expired.fetch_add(claimed.expired as u64, Ordering::Relaxed);
-            if let Some(last) = claimed.events.last() {
-                tracing::debug!(
-                    claimed = claimed.claimed,
-                    expired = claimed.expired,
-                    last_seq = last.seq,
-                    "claimed batch"
-                );
+            if let Some(last_seq) = claimed.batch.through {
+                tracing::debug!(claimed = claimed.claimed, expired = claimed.expired, last_seq, "claimed batch");
                 // Committed: hand the rows to our own delivery loop, which routes them without reading them back
                 // when they continue its cursor. Other nodes read them after the NOTIFY.
-                let last_seq = last.seq;
-                self.fresh.lock().unwrap_or_else(|e| e.into_inner()).push(claimed.events);
+                self.fresh.lock().unwrap_or_else(|e| e.into_inner()).push(claimed.batch);
                 self.deliveries.claimed(last_seq);
             }
             if (claimed.claimed as i64) < self.settings.claim_batch {
@@ -337,37 +333,47 @@ impl Relay {
         // single node, and the lowest latency). Any other batch is dropped: the read below finds its rows.
         let fresh = std::mem::take(&mut *self.fresh.lock().unwrap_or_else(|e| e.into_inner()));
         for batch in fresh {
-            if batch.first().map(|e| e.seq) == Some(self.hub.cursor() + 1) {
-                self.hub.route(&batch, &self.metrics).await;
+            // A claim's block of seqs starts at its lowest (possibly skipped) row; decoded or not, the rows
+            // between the cursor and `through` are exactly this batch's.
+            let first = batch.through.map(|through| through - batch.len() as i64 + 1);
+            if first == Some(self.hub.cursor() + 1) {
+                self.route(&batch);
             }
         }
         loop {
             if !look && self.hub.cursor() >= self.deliveries.claimed_through() {
                 return Ok(());
             }
-            let batch = events::read_after(&self.pool, self.hub.cursor(), self.settings.claim_batch).await?;
+            let read = events::read_after(&self.pool, self.hub.cursor(), self.settings.claim_batch);
+            let batch = events::within(self.statement_timeout, read).await?;
             if batch.is_empty() {
                 return Ok(());
             }
-            // Routing advances the hub's cursor to the batch's last seq.
-            let routed = self.hub.route(&batch, &self.metrics).await;
-            tracing::debug!(
-                events = batch.len(),
-                delivered = routed.delivered,
-                cursor = self.hub.cursor(),
-                "delivered batch"
-            );
+            // Routing advances the hub's cursor past the batch's last seq.
+            self.route(&batch);
             if (batch.len() as i64) < self.settings.claim_batch {
                 look = false;
             }
         }
     }
 
+    fn route(&self, batch: &events::Batch) {
+        self.metrics.rejected.fetch_add(batch.rejected as u64, Ordering::Relaxed);
+        let routed = self.hub.route(&batch.events, batch.through, &self.metrics);
+        tracing::debug!(
+            events = batch.events.len(),
+            delivered = routed.delivered,
+            fell_behind = routed.fell_behind,
+            cursor = self.hub.cursor(),
+            "delivered batch"
+        );
+    }
+
     /// Start the cursor at the last seq handed out: a node delivers what is claimed after it starts.
     pub async fn start_cursor(&self, mut shutdown: Shutdown) -> bool {
         let mut backoff = Backoff::default();
         loop {
-            match events::last_seq(&self.pool).await {
+            match events::within(self.statement_timeout, events::last_seq(&self.pool)).await {
                 Ok(last) => {
                     self.hub.start_at(last);
                     return true;
@@ -407,7 +413,9 @@ impl Relay {
                 _ = shutdown.triggered() => return,
             }
             loop {
-                match events::delete_processed(&self.pool, self.settings.retention).await {
+                match events::within(self.statement_timeout, events::delete_processed(&self.pool, self.settings.retention))
+                    .await
+                {
                     Ok(deleted) => {
                         self.metrics.deleted.fetch_add(deleted, Ordering::Relaxed);
                         if (deleted as i64) < events::DELETE_BATCH || shutdown.is_triggered() {
@@ -437,7 +445,8 @@ impl Relay {
             }
             let connections = i32::try_from(self.hub.connections()).unwrap_or(i32::MAX);
             let seen = self.peers.seen();
-            match nodes::heartbeat(&self.pool, node_id, address, connections, self.hub.cursor()).await {
+            let beat = nodes::heartbeat(&self.pool, node_id, address, connections, self.hub.cursor());
+            match events::within(self.statement_timeout, beat).await {
                 Ok(others) => self.peers.heartbeat(seen, others),
                 Err(e) => tracing::debug!("heartbeat failed: {e}"),
             }

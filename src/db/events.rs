@@ -38,8 +38,47 @@ pub struct Claimed {
     pub claimed: usize,
     /// Rows older than the max age: marked processed, given no seq, never delivered.
     pub expired: usize,
-    /// The deliverable rows, in seq order: consecutive seqs, since one claim takes one block of numbers.
+    /// The deliverable rows that decoded, in seq order (one claim takes one block of consecutive numbers).
+    pub batch: Batch,
+}
+
+/// Numbered rows read in seq order: the ones that decode, and how far the read went.
+#[derive(Debug, Default)]
+pub struct Batch {
     pub events: Vec<Event>,
+    /// The highest seq read, skipped rows included: where a cursor moves after routing this batch.
+    pub through: Option<i64>,
+    /// Rows that could not be decoded: skipped, each logged once with its id, never retried.
+    pub rejected: usize,
+}
+
+impl Batch {
+    /// Decode rows in any order into a batch in seq order. A row that does not decode is skipped with a WARN
+    /// naming its id: one bad row must never stop a loop (it would be read again forever).
+    fn decode(rows: &[Row]) -> Batch {
+        let mut batch = Batch::default();
+        for row in rows {
+            let Ok(Some(seq)) = row.try_get::<_, Option<i64>>(0) else { continue };
+            batch.through = batch.through.max(Some(seq));
+            match event(row) {
+                Ok(event) => batch.events.push(event),
+                Err(e) => {
+                    tracing::warn!("skipping event: {e}");
+                    batch.rejected += 1;
+                }
+            }
+        }
+        batch.events.sort_unstable_by_key(|e| e.seq);
+        batch
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len() + self.rejected
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.through.is_none()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,8 +87,27 @@ pub enum QueryError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("query failed: {0}")]
     Query(#[from] tokio_postgres::Error),
-    #[error("event {id} has data that is not JSON: {source}")]
-    Data { id: i64, source: serde_json::Error },
+    #[error("no answer from the database within {0:?} (NUDGE_STATEMENT_TIMEOUT)")]
+    Timeout(Duration),
+}
+
+/// Why a claimed row cannot become an event frame (only rows written before the CHECKs of schema version 6, or
+/// by a role that bypassed them).
+#[derive(Debug, thiserror::Error)]
+#[error("event {id} cannot be delivered: {reason}")]
+pub struct Undecodable {
+    pub id: i64,
+    pub reason: String,
+}
+
+/// Run one of nudge's own queries with a client-side limit: a database session that went silent (no RST) must
+/// not hang a loop until the kernel gives up on it. The abandoned session fails by itself later (keepalives, TCP
+/// user timeout) and the pool discards it then.
+pub async fn within<T>(
+    limit: Duration,
+    query: impl std::future::Future<Output = Result<T, QueryError>>,
+) -> Result<T, QueryError> {
+    tokio::time::timeout(limit, query).await.unwrap_or(Err(QueryError::Timeout(limit)))
 }
 
 /// Claim up to `limit` pending rows and number the deliverable ones; with `tell_others`, NOTIFY every node:
@@ -64,22 +122,20 @@ pub async fn claim_batch(pool: &Pool, limit: i64, max_age: Duration, tell_others
             &[(&limit, Type::INT8), (&max_age.as_secs_f64(), Type::FLOAT8), (&tell_others, Type::BOOL)],
         )
         .await?;
+    let batch = Batch::decode(&rows);
     let claimed = rows.len();
-    let live: Vec<&Row> = rows.iter().filter(|row| row.get::<_, Option<i64>>(0).is_some()).collect();
-    let mut events = live.into_iter().map(event).collect::<Result<Vec<_>, _>>()?;
-    events.sort_unstable_by_key(|e| e.seq);
-    Ok(Claimed { claimed, expired: claimed - events.len(), events })
+    Ok(Claimed { claimed, expired: claimed - batch.len(), batch })
 }
 
 const COLUMNS: &str = r#"seq, id, topic, kind,
     to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'), recipients, data::text"#;
 
 /// Claimed events with seq greater than `cursor`, in seq order.
-pub async fn read_after(pool: &Pool, cursor: i64, limit: i64) -> Result<Vec<Event>, QueryError> {
+pub async fn read_after(pool: &Pool, cursor: i64, limit: i64) -> Result<Batch, QueryError> {
     let client = pool.get().await?;
     let sql = format!("SELECT {COLUMNS} FROM nudge.events WHERE seq > $1 ORDER BY seq LIMIT $2");
     let rows = client.query_typed(&sql, &[(&cursor, Type::INT8), (&limit, Type::INT8)]).await?;
-    rows.iter().map(event).collect()
+    Ok(Batch::decode(&rows))
 }
 
 /// The highest seq handed out so far: where a starting node's cursor begins.
@@ -93,17 +149,27 @@ pub async fn read_last_seq(client: &tokio_postgres::Client) -> Result<i64, tokio
     Ok(client.query_typed_one("SELECT last_seq FROM nudge.delivery", &[]).await?.get(0))
 }
 
-/// What `resume` replays: one user's events in (since, until], personal or on one of `topics`.
+/// What `resume` (and a slow connection's catch-up) replays: one user's events in (since, until].
 #[derive(Debug)]
 pub struct Replay {
     pub events: Vec<Event>,
-    /// False when part of the range is gone (deleted after the retention) or more than `limit` events match.
+    /// False when part of the range is gone (deleted after the retention), when `since` is beyond anything
+    /// the cluster handed out, or when more than `limit` events match.
     pub complete: bool,
     /// Live events up to here must not be sent again: `until`, or `since` when the client is ahead of this
     /// node's cursor (it saw them on a faster node). Never beyond the cluster's last seq.
     pub skip_through: i64,
+    /// The highest seq the replay covers: `until`, or the last event returned when `limit` cut it short.
+    pub reached: i64,
 }
 
+/// One user's events in (since, until], personal or on one of `topics`, at most `limit`, in seq order.
+///
+/// The range is checked first, with two index lookups: a `since` beyond the cluster's last seq, or below the
+/// oldest seq still stored (retention), is answered `complete: false` without reading any event. The events are
+/// then found through indexes of their own (schema version 6): personal ones through `events_recipients` (GIN),
+/// topic ones through `events_topic_seq`, so a replay costs this user's and these topics' events, not the
+/// history of everyone else.
 pub async fn replay(
     pool: &Pool,
     user: &str,
@@ -113,18 +179,35 @@ pub async fn replay(
     limit: i64,
 ) -> Result<Replay, QueryError> {
     let client = pool.get().await?;
-    if since >= until {
-        // Nothing to replay. A `since` beyond what the cluster ever handed out is another database's seq.
-        let last = read_last_seq(&client).await?;
-        let known = since <= last;
-        return Ok(Replay { events: Vec::new(), complete: known, skip_through: if known { since } else { until } });
+    let bounds = client
+        .query_typed_one(
+            "SELECT (SELECT last_seq FROM nudge.delivery), \
+             (SELECT seq FROM nudge.events WHERE seq IS NOT NULL ORDER BY seq LIMIT 1)",
+            &[],
+        )
+        .await?;
+    let (last, oldest): (i64, Option<i64>) = (bounds.get(0), bounds.get(1));
+    if since > last {
+        // Another database's seq: nothing here can be trusted to continue it.
+        return Ok(Replay { events: Vec::new(), complete: false, skip_through: until, reached: until });
     }
+    if since >= until {
+        return Ok(Replay { events: Vec::new(), complete: true, skip_through: since, reached: until });
+    }
+    // Everything in (since, oldest) was deleted after the retention (or nothing is stored at all while the
+    // cluster handed out seqs past `since`): the client must refetch, and a partial replay would not spare it.
+    if oldest.is_none_or(|oldest| since + 1 < oldest) {
+        return Ok(Replay { events: Vec::new(), complete: false, skip_through: until, reached: until });
+    }
+    let fetch = limit + 1;
     let sql = format!(
-        "SELECT {COLUMNS} FROM nudge.events WHERE seq > $1 AND seq <= $2 \
-         AND ($3 = ANY(recipients) OR (recipients IS NULL AND topic = ANY($4))) ORDER BY seq LIMIT $5"
+        "(SELECT {COLUMNS} FROM nudge.events WHERE recipients @> ARRAY[$3::text] AND seq > $1 AND seq <= $2 \
+           ORDER BY seq LIMIT $5) \
+         UNION ALL \
+         (SELECT {COLUMNS} FROM nudge.events WHERE recipients IS NULL AND topic = ANY($4) AND seq > $1 AND seq <= $2 \
+           ORDER BY seq LIMIT $5)"
     );
     let topics: Vec<&str> = topics.to_vec();
-    let fetch = limit + 1;
     let rows = client
         .query_typed(
             &sql,
@@ -137,17 +220,11 @@ pub async fn replay(
             ],
         )
         .await?;
-    let mut events: Vec<Event> = rows.iter().map(event).collect::<Result<_, _>>()?;
+    let mut events = Batch::decode(&rows).events;
     let truncated = events.len() as i64 > limit;
     events.truncate(limit as usize);
-    // The oldest seq still stored: anything in (since, oldest) was deleted after the retention.
-    let oldest: Option<i64> =
-        client.query_typed_one("SELECT min(seq) FROM nudge.events WHERE seq IS NOT NULL", &[]).await?.get(0);
-    let gone = match oldest {
-        Some(oldest) => since + 1 < oldest,
-        None => true,
-    };
-    Ok(Replay { events, complete: !truncated && !gone, skip_through: until })
+    let reached = if truncated { events.last().map_or(until, |e| e.seq) } else { until };
+    Ok(Replay { events, complete: !truncated, skip_through: until, reached })
 }
 
 /// Rows deleted per retention batch (its two statements together): small, so the sweep never holds many locks or
@@ -207,13 +284,24 @@ pub async fn delete_processed(pool: &Pool, retention: Duration) -> Result<u64, Q
     Ok(deleted)
 }
 
-fn event(row: &Row) -> Result<Event, QueryError> {
-    let id: i64 = row.get(1);
-    let recipients = row.get::<_, Option<Vec<String>>>(5).map(|mut users| {
+/// One row of `COLUMNS` (or of `nudge.claim()`), checked field by field: nothing a producer wrote may panic here.
+fn event(row: &Row) -> Result<Event, Undecodable> {
+    let id: i64 = row.try_get(1).map_err(|e| Undecodable { id: -1, reason: e.to_string() })?;
+    let bad = |what: &str, e: &dyn std::fmt::Display| Undecodable { id, reason: format!("{what}: {e}") };
+    let seq: i64 = row.try_get(0).map_err(|e| bad("seq", &e))?;
+    let topic: String = row.try_get(2).map_err(|e| bad("topic", &e))?;
+    let kind: String = row.try_get(3).map_err(|e| bad("kind", &e))?;
+    // to_char gives NULL for an infinite timestamp.
+    let at: String = row
+        .try_get::<_, Option<String>>(4)
+        .map_err(|e| bad("occurred_at", &e))?
+        .ok_or_else(|| bad("occurred_at", &"not a finite time"))?;
+    let recipients = row.try_get::<_, Option<Vec<String>>>(5).map_err(|e| bad("recipients", &e))?.map(|mut users| {
         users.sort_unstable();
         users.dedup();
         users
     });
-    let data = RawValue::from_string(row.get(6)).map_err(|source| QueryError::Data { id, source })?;
-    Ok(Event { seq: row.get(0), id, topic: row.get(2), kind: row.get(3), at: row.get(4), recipients, data })
+    let data: String = row.try_get(6).map_err(|e| bad("data", &e))?;
+    let data = RawValue::from_string(data).map_err(|e| bad("data", &e))?;
+    Ok(Event { seq, id, topic, kind, at, recipients, data })
 }

@@ -21,6 +21,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 3, name: "0003_wake_gate.sql", sql: include_str!("../../sql/0003_wake_gate.sql") },
     Migration { version: 4, name: "0004_topic_check.sql", sql: include_str!("../../sql/0004_topic_check.sql") },
     Migration { version: 5, name: "0005_claim_by_key.sql", sql: include_str!("../../sql/0005_claim_by_key.sql") },
+    Migration { version: 6, name: "0006_safe_rows.sql", sql: include_str!("../../sql/0006_safe_rows.sql") },
 ];
 
 /// Advisory lock key: "nudge" in ASCII, so it is recognisable in `pg_locks`.
