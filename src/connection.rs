@@ -457,7 +457,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             };
             if replay.events.is_empty() && !replay.complete {
                 // Deleted after the retention while this connection was behind: it must refetch.
-                return Step::Close { code: protocol::CLOSE_TOO_SLOW, reason: "fell behind the retention", error: None };
+                return Step::Close {
+                    code: protocol::CLOSE_TOO_SLOW,
+                    reason: "fell behind the retention",
+                    error: None,
+                };
             }
             let frames: Vec<Frame> = replay.events.iter().map(|e| crate::hub::encode(e, None)).collect();
             if let step @ (Step::Close { .. } | Step::Gone(_)) = self.write_frames(&frames).await {
@@ -614,7 +618,11 @@ enum Stalled {
 
 /// Write all of `buf`, giving up only when the socket accepts nothing for `limit`: a slow reader that keeps
 /// reading is never cut off, one that stopped is noticed after `limit` whatever the batch's size.
-async fn write_with_progress<W: AsyncWrite + Unpin>(socket: &mut W, buf: &[u8], limit: Duration) -> Result<(), Stalled> {
+async fn write_with_progress<W: AsyncWrite + Unpin>(
+    socket: &mut W,
+    buf: &[u8],
+    limit: Duration,
+) -> Result<(), Stalled> {
     let mut written = 0;
     while written < buf.len() {
         match tokio::time::timeout(limit, socket.write(&buf[written..])).await {

@@ -413,8 +413,11 @@ impl Relay {
                 _ = shutdown.triggered() => return,
             }
             loop {
-                match events::within(self.statement_timeout, events::delete_processed(&self.pool, self.settings.retention))
-                    .await
+                match events::within(
+                    self.statement_timeout,
+                    events::delete_processed(&self.pool, self.settings.retention),
+                )
+                .await
                 {
                     Ok(deleted) => {
                         self.metrics.deleted.fetch_add(deleted, Ordering::Relaxed);

@@ -84,10 +84,7 @@ async fn producers_cannot_write_nudges_own_columns_or_an_infinite_time() {
         ("INSERT INTO nudge.events (topic, kind, seq) VALUES ('post:1', 'k', 1000000)", "seq"),
         ("INSERT INTO nudge.events (topic, kind, processed_at) VALUES ('post:1', 'k', now())", "processed_at"),
         // What copying old rows with INSERT ... SELECT * does: both set.
-        (
-            "INSERT INTO nudge.events (topic, kind, seq, processed_at) VALUES ('post:1', 'k', 1000000, now())",
-            "seq",
-        ),
+        ("INSERT INTO nudge.events (topic, kind, seq, processed_at) VALUES ('post:1', 'k', 1000000, now())", "seq"),
     ] {
         let err = pg.batch_execute(sql).await.expect_err(sql);
         let db_err = err.as_db_error().unwrap_or_else(|| panic!("not a database error: {err}"));
