@@ -1,10 +1,12 @@
 //! What operators see: readiness (`/readyz`) and counters (`/metrics`).
 //!
-//! Readiness is three facts kept by the tasks that know them: the schema is current (startup), the LISTEN
-//! connection is up (`db::listen`), and the pool answers (checked live by `/readyz`).
+//! Readiness is four facts kept by the tasks that know them: the schema is current (startup), the LISTEN
+//! connection is up (`db::listen`), no long-running task is down (`node::supervise`), and the pool answers
+//! (checked live by `/readyz`).
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 #[derive(Default)]
@@ -13,6 +15,8 @@ pub struct Readiness {
     listen_up: AtomicBool,
     /// The latest reason the database is not usable, for `/readyz`'s 503 body.
     last_error: Mutex<Option<String>>,
+    /// Long-running tasks that ended or panicked and wait for their restart, with why.
+    tasks_down: Mutex<BTreeMap<&'static str, String>>,
 }
 
 impl Readiness {
@@ -33,8 +37,20 @@ impl Readiness {
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// `Ok` when the schema is current and LISTEN is up; otherwise why not.
+    /// A supervised task stopped (`reason`) and is about to be restarted.
+    pub fn set_task_down(&self, task: &'static str, reason: String) {
+        self.tasks_down.lock().unwrap_or_else(|e| e.into_inner()).insert(task, reason);
+    }
+
+    pub fn set_task_up(&self, task: &'static str) {
+        self.tasks_down.lock().unwrap_or_else(|e| e.into_inner()).remove(task);
+    }
+
+    /// `Ok` when the schema is current, LISTEN is up and every task runs; otherwise why not.
     pub fn check(&self) -> Result<(), String> {
+        if let Some((task, reason)) = self.tasks_down.lock().unwrap_or_else(|e| e.into_inner()).iter().next() {
+            return Err(format!("{task} task restarting after it {reason}"));
+        }
         let error = self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let detail = error.map(|e| format!(": {e}")).unwrap_or_default();
         if !self.schema_ready.load(Ordering::SeqCst) {
@@ -103,6 +119,13 @@ pub struct Metrics {
     pub rejected: AtomicU64,
     pub deleted: AtomicU64,
     pub connections_opened: AtomicU64,
+    /// Supervised tasks restarted after they ended or panicked.
+    pub task_restarts: AtomicU64,
+    /// Claimed events this node has not routed yet (cluster's last seq minus its cursor), as of the last
+    /// heartbeat.
+    pub lag_events: AtomicI64,
+    /// How long ago the oldest of those was claimed, in milliseconds, as of the last heartbeat.
+    pub lag_millis: AtomicI64,
 }
 
 impl Metrics {
@@ -144,6 +167,24 @@ impl Metrics {
         );
         counter("nudge_events_deleted_total", "Processed events deleted by retention.", get(&self.deleted));
         counter("nudge_connections_opened_total", "Authenticated connections opened.", get(&self.connections_opened));
+        counter(
+            "nudge_task_restarts_total",
+            "Long-running tasks (claim, delivery, LISTEN, poll, retention, heartbeat) restarted after they ended or panicked.",
+            get(&self.task_restarts),
+        );
+        let mut gauge = |name: &str, help: &str, value: f64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        };
+        gauge(
+            "nudge_delivery_lag_events",
+            "Claimed events this node has not routed yet (cluster's last seq minus its cursor), every heartbeat.",
+            self.lag_events.load(Ordering::Relaxed) as f64,
+        );
+        gauge(
+            "nudge_delivery_lag_seconds",
+            "How long ago the oldest event this node has not routed yet was claimed, every heartbeat.",
+            self.lag_millis.load(Ordering::Relaxed) as f64 / 1000.0,
+        );
         self.claim_durations.render(&mut out);
         let _ = writeln!(
             out,

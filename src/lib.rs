@@ -20,4 +20,5 @@ pub mod outbox;
 pub mod protocol;
 pub mod relay;
 pub mod shutdown;
+pub mod supervisor;
 pub mod wake;

@@ -101,20 +101,21 @@ async fn status(options: &Options) -> Result<(), Failure> {
     println!("last seq {}, pending rows {}, nodes {}", status.last_seq, status.pending, status.nodes.len());
     if !status.nodes.is_empty() {
         println!(
-            "\n{:<28} {:<22} {:<20} {:>9} {:>11} {:>10} {:>6}",
-            "NODE", "ADDRESS", "STARTED (UTC)", "HEARTBEAT", "CONNECTIONS", "CURSOR", "LAG"
+            "\n{:<28} {:<22} {:<20} {:>9} {:>11} {:>10} {:>6} {:>8}",
+            "NODE", "ADDRESS", "STARTED (UTC)", "HEARTBEAT", "CONNECTIONS", "CURSOR", "LAG", "LAG_S"
         );
     }
     for node in &status.nodes {
         println!(
-            "{:<28} {:<22} {:<20} {:>8.0}s {:>11} {:>10} {:>6}",
+            "{:<28} {:<22} {:<20} {:>8.0}s {:>11} {:>10} {:>6} {:>8.1}",
             node.id,
             node.address,
             node.started,
             node.heartbeat_age_s,
             node.connections,
             node.cursor,
-            status.last_seq - node.cursor
+            status.last_seq - node.cursor,
+            node.lag_seconds
         );
     }
     Ok(())

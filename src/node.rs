@@ -19,6 +19,7 @@ use crate::http::{self, ExtraRoutes};
 use crate::hub::Hub;
 use crate::relay::{self, Relay};
 use crate::shutdown::{self, Shutdown};
+use crate::supervisor::supervise;
 use crate::wake::{DeliveryWakeups, Wakeups};
 
 /// How long shutdown may take before nudge exits anyway (the contract says within 10 s).
@@ -107,6 +108,7 @@ pub async fn run(
         readiness,
         settings: relay,
         statement_timeout: timeouts.statement,
+        node_id: node_id.clone(),
     });
 
     let scheme = if tls.is_some() { "https/wss" } else { "http/ws" };
@@ -154,7 +156,8 @@ struct NodeIdentity {
 }
 
 /// Schema first (retrying while the database is away), then the cursor, then LISTEN, poll, retention, heartbeat
-/// and the two relay loops. `session_db` is the direct connection (LISTEN and migrations need a session).
+/// and the two relay loops, each supervised (restarted if it ends or panics). `session_db` is the direct
+/// connection (LISTEN and migrations need a session).
 async fn run_database_side(
     relay: Arc<Relay>,
     session_db: tokio_postgres::Config,
@@ -165,33 +168,48 @@ async fn run_database_side(
     if !relay::prepare_schema(&session_db, migrate, &relay.readiness, shutdown.clone()).await {
         return;
     }
-    let node_id = node.id.clone();
+    let node = Arc::new(node);
     // Heartbeats first: the first one announces this node, so nodes that thought they were alone start sending
     // NOTIFY nudge_claimed before we take our cursor.
-    let heartbeat =
-        spawn_relay(&relay, &shutdown, |r, s| async move { r.run_heartbeat(&node.id, &node.address, s).await });
+    let heartbeat = supervised(&relay, &shutdown, "heartbeat", move |r, s| {
+        let node = node.clone();
+        async move { r.run_heartbeat(&node.id, &node.address, s).await }
+    });
     if !relay.start_cursor(shutdown.clone()).await {
         return;
     }
-    let listeners = Listeners {
-        claims: relay.claims.clone(),
-        deliveries: relay.deliveries.clone(),
-        peers: relay.peers.clone(),
-        node_id,
+    let listen = {
+        let readiness = relay.readiness.clone();
+        supervised(&relay, &shutdown, "LISTEN", move |r, s| {
+            let listeners = Listeners {
+                claims: r.claims.clone(),
+                deliveries: r.deliveries.clone(),
+                peers: r.peers.clone(),
+                node_id: r.node_id.clone(),
+            };
+            db::listen::run(session_db.clone(), listeners, readiness.clone(), s)
+        })
     };
-    tokio::spawn(db::listen::run(session_db, listeners, relay.readiness.clone(), shutdown.clone()));
-    let poll = spawn_relay(&relay, &shutdown, |r, s| async move { r.run_poll(s).await });
-    let retention = spawn_relay(&relay, &shutdown, |r, s| async move { r.run_retention(s).await });
-    let deliveries = spawn_relay(&relay, &shutdown, |r, s| async move { r.run_deliveries(s).await });
-    relay.run_claims(shutdown).await;
+    let poll = supervised(&relay, &shutdown, "poll", |r, s| async move { r.run_poll(s).await });
+    let retention = supervised(&relay, &shutdown, "retention", |r, s| async move { r.run_retention(s).await });
+    let deliveries = supervised(&relay, &shutdown, "delivery", |r, s| async move { r.run_deliveries(s).await });
+    let claims = supervised(&relay, &shutdown, "claim", |r, s| async move { r.run_claims(s).await });
     // Shutdown: wait for the pass in progress of each loop, and for the heartbeat to remove our row.
-    let _ = tokio::join!(poll, retention, deliveries, heartbeat);
+    let _ = tokio::join!(claims, poll, retention, deliveries, heartbeat, listen);
 }
 
-fn spawn_relay<F, Fut>(relay: &Arc<Relay>, shutdown: &Shutdown, task: F) -> tokio::task::JoinHandle<()>
+/// Spawn `task` under `supervisor::supervise`, handing it the relay and a shutdown observer at every (re)start.
+fn supervised<F, Fut>(
+    relay: &Arc<Relay>,
+    shutdown: &Shutdown,
+    name: &'static str,
+    task: F,
+) -> tokio::task::JoinHandle<()>
 where
-    F: FnOnce(Arc<Relay>, Shutdown) -> Fut,
+    F: Fn(Arc<Relay>, Shutdown) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    tokio::spawn(task(relay.clone(), shutdown.clone()))
+    let (readiness, metrics) = (relay.readiness.clone(), relay.metrics.clone());
+    let (relay, observer) = (relay.clone(), shutdown.clone());
+    tokio::spawn(supervise(name, readiness, metrics, shutdown.clone(), move || task(relay.clone(), observer.clone())))
 }

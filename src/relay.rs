@@ -50,6 +50,8 @@ pub struct Relay {
     pub settings: RelaySettings,
     /// Client-side limit on each query (`events::within`).
     pub statement_timeout: Duration,
+    /// This node's id in `nudge.nodes` (LISTEN ignores its own announcements by it).
+    pub node_id: String,
 }
 
 /// An awake relay goes back to NOTIFY once the rate falls below this share of `--awake-above`: lower than the
@@ -138,8 +140,11 @@ enum ClaimError {
 impl Relay {
     /// Claim whenever woken, until shutdown; see `Phase`. Claims route nothing themselves: each batch goes to
     /// this node's delivery loop, and every other node reads it.
+    ///
+    /// Starts settling, not idle: after a restart (supervisor.rs) producers may have skipped their NOTIFY for a
+    /// loop that held `awake` when it died, and at a first start it costs one claim pass.
     pub async fn run_claims(&self, mut shutdown: Shutdown) {
-        let mut phase = Phase::Idle;
+        let mut phase = Phase::Settling;
         let mut gate: Option<Gate> = None;
         let mut flow = Flow::new();
         let mut backoff = Backoff::default();
@@ -306,6 +311,8 @@ impl Relay {
     /// Route claimed rows past the cursor whenever woken, until shutdown; after a failure, retry with backoff.
     pub async fn run_deliveries(&self, mut shutdown: Shutdown) {
         let mut backoff = Backoff::default();
+        // A (re)start may follow claims nobody told us about.
+        self.deliveries.look();
         loop {
             tokio::select! {
                 biased;
@@ -450,7 +457,11 @@ impl Relay {
             let seen = self.peers.seen();
             let beat = nodes::heartbeat(&self.pool, node_id, address, connections, self.hub.cursor());
             match events::within(self.statement_timeout, beat).await {
-                Ok(others) => self.peers.heartbeat(seen, others),
+                Ok(beat) => {
+                    self.peers.heartbeat(seen, beat.others);
+                    self.metrics.lag_events.store(beat.lag_events, Ordering::Relaxed);
+                    self.metrics.lag_millis.store((beat.lag_seconds * 1000.0) as i64, Ordering::Relaxed);
+                }
                 Err(e) => tracing::debug!("heartbeat failed: {e}"),
             }
         }

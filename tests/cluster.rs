@@ -852,13 +852,14 @@ async fn resume_reports_incomplete_ranges_and_refuses_misuse() {
 // 8. nudge status
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 struct StatusRow {
     id: String,
     address: String,
     connections: i64,
     cursor: i64,
     lag: i64,
+    lag_seconds: f64,
 }
 
 /// `nudge status` parsed: the summary line's (last seq, pending, nodes) and the table's rows.
@@ -879,7 +880,7 @@ fn nudge_status(url: &str) -> ((i64, i64, usize), Vec<StatusRow>) {
             let cols: Vec<&str> = line.split_whitespace().collect();
             assert_eq!(
                 cols,
-                ["NODE", "ADDRESS", "STARTED", "(UTC)", "HEARTBEAT", "CONNECTIONS", "CURSOR", "LAG"],
+                ["NODE", "ADDRESS", "STARTED", "(UTC)", "HEARTBEAT", "CONNECTIONS", "CURSOR", "LAG", "LAG_S"],
                 "header: {out}"
             );
             header = true;
@@ -889,7 +890,7 @@ fn nudge_status(url: &str) -> ((i64, i64, usize), Vec<StatusRow>) {
         if f.is_empty() {
             continue;
         }
-        assert!(header && f.len() == 8, "unexpected status line {line:?} in:\n{out}");
+        assert!(header && f.len() == 9, "unexpected status line {line:?} in:\n{out}");
         let num = |s: &str| s.parse::<i64>().unwrap_or_else(|_| panic!("{s:?} in {line:?}"));
         assert!(f[4].ends_with('s'), "heartbeat column {line:?}");
         rows.push(StatusRow {
@@ -898,6 +899,7 @@ fn nudge_status(url: &str) -> ((i64, i64, usize), Vec<StatusRow>) {
             connections: num(f[5]),
             cursor: num(f[6]),
             lag: num(f[7]),
+            lag_seconds: f[8].parse().unwrap_or_else(|_| panic!("{:?} in {line:?}", f[8])),
         });
     }
     ((nums[0], nums[1], nums[2] as usize), rows)
@@ -930,6 +932,7 @@ async fn nudge_status_lists_the_nodes_and_forgets_one_that_stops() {
                         && r.connections == *conns
                         && r.cursor == 3
                         && r.lag == 0
+                        && r.lag_seconds == 0.0
                 })
             })
     };

@@ -121,16 +121,17 @@ async fn slow_readers_catch_up_from_the_table_without_delaying_anyone() {
     let mut fast = authed(&nudge, "fast", &["*"]).await;
     fast.subscribe("busy").await;
     let pg = db.client().await;
-    // 300 events of 3 KB: far more than the slow clients' windows and queues hold.
-    let ids = insert_big(&pg, "busy", 300, 3000).await;
-    assert_eq!(fast.recv_event_ids(300, SOON).await, ids);
+    // 1,500 events of 3 KB (4.5 MB): more than the kernel buffers and the queue hold for a client that does not
+    // read, so the slow clients' sockets block and their queues overflow.
+    let ids = insert_big(&pg, "busy", 1500, 3000).await;
+    assert_eq!(fast.recv_event_ids(1500, SOON).await, ids);
     // The slow clients have not read a byte yet; an event now reaches the fast one regardless.
     let lone = insert_event(&pg, "busy", "lone", "{}").await;
     assert_eq!(fast.recv_event_ids(1, SOON).await, [lone]);
     let mut all = ids.clone();
     all.push(lone);
     for ws in &mut slow {
-        assert_eq!(ws.recv_event_ids(301, SOON).await, all);
+        assert_eq!(ws.recv_event_ids(1501, SOON).await, all);
         ws.expect_silence(SILENCE).await;
     }
     assert!(nudge.metric("nudge_connections_behind_total").await >= 3.0);
@@ -180,8 +181,8 @@ async fn no_frame_of_a_topic_follows_its_unsubscribed() {
     let mut ws = narrow_client(&nudge, "alice", &["*"]).await;
     ws.subscribe("busy").await;
     let pg = db.client().await;
-    // More than the socket takes while the client does not read: the rest waits in nudge's queue.
-    insert_big(&pg, "busy", 200, 3000).await;
+    // More than the kernel buffers take while the client does not read (4.5 MB): the rest waits in nudge's queue.
+    insert_big(&pg, "busy", 1500, 3000).await;
     eventually!(SOON, "frames to be queued", nudge.metric("nudge_deliveries_total").await >= 100.0);
     ws.send_json(json!({"type": "unsubscribe", "topic": "busy"})).await;
     let mut after_reply = 0;

@@ -17,15 +17,25 @@ pub const STALE: Duration = Duration::from_secs(30);
 /// others about its claims at once, not at its own next heartbeat.
 pub const ANNOUNCE: &str = "nudge_nodes";
 
-/// Refresh this node's row (announcing it on `ANNOUNCE`) and age out dead nodes; returns whether any other node
-/// is alive.
+/// What a heartbeat learned.
+#[derive(Debug)]
+pub struct Beat {
+    /// Whether any other node is alive.
+    pub others: bool,
+    /// Claimed events past this node's cursor.
+    pub lag_events: i64,
+    /// Seconds since the oldest of them was claimed (0 when none).
+    pub lag_seconds: f64,
+}
+
+/// Refresh this node's row (announcing it on `ANNOUNCE`), age out dead nodes, and measure this node's lag.
 pub async fn heartbeat(
     pool: &Pool,
     id: &str,
     address: &str,
     connections: i32,
     cursor: i64,
-) -> Result<bool, QueryError> {
+) -> Result<Beat, QueryError> {
     let client = pool.get().await?;
     client
         .query_typed(
@@ -56,8 +66,14 @@ pub async fn heartbeat(
             &[(&id, Type::TEXT), (&STALE.as_secs_f64(), Type::FLOAT8)],
         )
         .await?;
-    Ok(others.get(0))
+    let lag = client.query_typed_one(LAG, &[(&cursor, Type::INT8)]).await?;
+    Ok(Beat { others: others.get(0), lag_events: lag.get(0), lag_seconds: lag.get(1) })
 }
+
+/// A cursor's lag behind the cluster: events claimed past it, and seconds since the first of them was claimed
+/// (found through `events_seq`).
+const LAG: &str = "SELECT greatest(last_seq - $1, 0), coalesce(extract(epoch FROM now() - \
+    (SELECT processed_at FROM nudge.events WHERE seq = $1 + 1))::float8, 0) FROM nudge.delivery";
 
 /// Remove this node's row on a clean shutdown.
 pub async fn remove(pool: &Pool, id: &str) -> Result<(), QueryError> {
@@ -75,6 +91,8 @@ pub struct NodeStatus {
     pub heartbeat_age_s: f64,
     pub connections: i32,
     pub cursor: i64,
+    /// Seconds since the oldest event this node has not routed yet was claimed.
+    pub lag_seconds: f64,
 }
 
 /// The whole cluster as the database sees it.
@@ -92,7 +110,9 @@ pub async fn status(client: &tokio_postgres::Client) -> Result<ClusterStatus, to
     let rows = client
         .query_typed(
             "SELECT id, address, to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'), \
-             extract(epoch FROM now() - heartbeat_at)::float8, connections, cursor \
+             extract(epoch FROM now() - heartbeat_at)::float8, connections, cursor, \
+             coalesce(extract(epoch FROM now() - \
+               (SELECT processed_at FROM nudge.events e WHERE e.seq = nudge.nodes.cursor + 1))::float8, 0) \
              FROM nudge.nodes WHERE heartbeat_at >= now() - make_interval(secs => $1) ORDER BY started_at, id",
             &[(&STALE.as_secs_f64(), Type::FLOAT8)],
         )
@@ -106,6 +126,7 @@ pub async fn status(client: &tokio_postgres::Client) -> Result<ClusterStatus, to
             heartbeat_age_s: r.get(3),
             connections: r.get(4),
             cursor: r.get(5),
+            lag_seconds: r.get(6),
         })
         .collect();
     Ok(ClusterStatus { last_seq, pending, nodes })
