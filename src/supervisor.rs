@@ -78,13 +78,14 @@ mod tests {
         let (trigger, shutdown) = crate::shutdown::channel();
         let runs = Arc::new(AtomicU32::new(0));
         let counted = runs.clone();
+        let observer = shutdown.clone();
         let supervisor = tokio::spawn(supervise("claim", readiness.clone(), metrics.clone(), shutdown, move || {
-            let runs = counted.clone();
+            let (runs, mut shutdown) = (counted.clone(), observer.clone());
             async move {
                 if runs.fetch_add(1, Ordering::SeqCst) == 0 {
                     panic!("injected fault");
                 }
-                std::future::pending::<()>().await;
+                shutdown.triggered().await;
             }
         }));
         // The first run panics; until the restart, /readyz names the task and the panic.

@@ -489,11 +489,13 @@ async fn claim_and_retention_never_scan_the_whole_table() {
         claimer.claim_and_keep(0).await;
     }
     // ... and keeps it while the table grows: 30,000 rows processed two hours ago (some expired: no seq), 1,000
-    // pending.
+    // pending. Written as history directly, by the table's owner: producers cannot set seq or processed_at.
     pg.batch_execute(
-        "INSERT INTO nudge.events (topic, kind, processed_at, seq)
+        "ALTER TABLE nudge.events DISABLE TRIGGER events_internal_columns;
+         INSERT INTO nudge.events (topic, kind, processed_at, seq)
              SELECT 'old', 'k', now() - interval '2 hours', CASE WHEN g % 100 <> 0 THEN -g END
              FROM generate_series(1, 30000) g;
+         ALTER TABLE nudge.events ENABLE TRIGGER events_internal_columns;
          INSERT INTO nudge.events (topic, kind) SELECT 'new', 'k' FROM generate_series(1, 1000);",
     )
     .await
@@ -521,6 +523,51 @@ async fn claim_and_retention_never_scan_the_whole_table() {
             })
             .unwrap_or_else(|| panic!("EXPLAIN returned {messages:?}"));
         assert!(!scans_events(plan), "retention's {name} scans nudge.events: {plan}");
+    }
+}
+
+/// A `resume` (or a catch-up) reads one user's personal events and one connection's topics' events through
+/// indexes of their own, not by walking the seq range past everyone else's history.
+#[tokio::test(flavor = "multi_thread")]
+async fn replays_read_one_users_events_through_their_own_indexes() {
+    let db = TestDb::new().await;
+    db.migrate();
+    let pg = db.client().await;
+    // 40,000 numbered rows of other users and topics, a few of alice's and of her topic among them.
+    pg.batch_execute(
+        "ALTER TABLE nudge.events DISABLE TRIGGER events_internal_columns;
+         INSERT INTO nudge.events (topic, kind, recipients, processed_at, seq)
+             SELECT CASE WHEN g % 1000 = 0 THEN 'post:1' ELSE 'post:' || (g % 97 + 2) END, 'k',
+                    CASE WHEN g % 2 = 0 THEN NULL WHEN g % 1001 = 0 THEN ARRAY['alice'] ELSE ARRAY['u' || g % 500] END,
+                    now(), g
+             FROM generate_series(1, 40000) g;
+         ALTER TABLE nudge.events ENABLE TRIGGER events_internal_columns;
+         UPDATE nudge.delivery SET last_seq = 40000;
+         ANALYZE nudge.events;",
+    )
+    .await
+    .unwrap();
+    // The statement nudge sends, planned as a generic plan too (a prepared statement may be reused).
+    for mode in ["force_custom_plan", "force_generic_plan"] {
+        let sql = format!(
+            "SET plan_cache_mode = {mode}; \
+             PREPARE replay(bigint, bigint, text, text[], bigint) AS {}; \
+             EXPLAIN (FORMAT JSON) EXECUTE replay(0, 40000, 'alice', '{{post:1}}', 1001); DEALLOCATE replay;",
+            nudge::db::events::REPLAY
+        );
+        let messages = pg.simple_query(&sql).await.unwrap();
+        let plan = messages
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("EXPLAIN returned {messages:?}"));
+        assert!(!scans_events(plan), "{mode}: a replay scans nudge.events: {plan}");
+        for index in ["events_recipients", "events_topic_seq"] {
+            assert!(plan.contains(index), "{mode}: a replay does not use {index}: {plan}");
+        }
+        assert!(!plan.contains("\"events_seq\""), "{mode}: a replay walks the seq range (events_seq): {plan}");
     }
 }
 

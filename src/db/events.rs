@@ -127,14 +127,19 @@ pub async fn claim_batch(pool: &Pool, limit: i64, max_age: Duration, tell_others
     Ok(Claimed { claimed, expired: claimed - batch.len(), batch })
 }
 
-const COLUMNS: &str = r#"seq, id, topic, kind,
-    to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'), recipients, data::text"#;
+/// The columns of an event row, in the order `event()` decodes them (a macro, so that `concat!` can build
+/// constant statements from it).
+macro_rules! columns {
+    () => {
+        r#"seq, id, topic, kind, to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'), recipients, data::text"#
+    };
+}
 
 /// Claimed events with seq greater than `cursor`, in seq order.
 pub async fn read_after(pool: &Pool, cursor: i64, limit: i64) -> Result<Batch, QueryError> {
     let client = pool.get().await?;
-    let sql = format!("SELECT {COLUMNS} FROM nudge.events WHERE seq > $1 ORDER BY seq LIMIT $2");
-    let rows = client.query_typed(&sql, &[(&cursor, Type::INT8), (&limit, Type::INT8)]).await?;
+    const SQL: &str = concat!("SELECT ", columns!(), " FROM nudge.events WHERE seq > $1 ORDER BY seq LIMIT $2");
+    let rows = client.query_typed(SQL, &[(&cursor, Type::INT8), (&limit, Type::INT8)]).await?;
     Ok(Batch::decode(&rows))
 }
 
@@ -162,6 +167,18 @@ pub struct Replay {
     /// The highest seq the replay covers: `until`, or the last event returned when `limit` cut it short.
     pub reached: i64,
 }
+
+/// The replay's events: $1 since, $2 until, $3 the user, $4 the connection's topics, $5 how many at most (per
+/// kind; the caller keeps the first of the merged, sorted rows). Each half has an index of its own (schema
+/// version 6), so neither walks the seq range past other users' events.
+pub const REPLAY: &str = concat!(
+    "(SELECT ",
+    columns!(),
+    " FROM nudge.events WHERE recipients @> ARRAY[$3::text] AND seq > $1 AND seq <= $2 ORDER BY seq LIMIT $5) ",
+    "UNION ALL (SELECT ",
+    columns!(),
+    " FROM nudge.events WHERE recipients IS NULL AND topic = ANY($4) AND seq > $1 AND seq <= $2 ORDER BY seq LIMIT $5)"
+);
 
 /// One user's events in (since, until], personal or on one of `topics`, at most `limit`, in seq order.
 ///
@@ -200,17 +217,10 @@ pub async fn replay(
         return Ok(Replay { events: Vec::new(), complete: false, skip_through: until, reached: until });
     }
     let fetch = limit + 1;
-    let sql = format!(
-        "(SELECT {COLUMNS} FROM nudge.events WHERE recipients @> ARRAY[$3::text] AND seq > $1 AND seq <= $2 \
-           ORDER BY seq LIMIT $5) \
-         UNION ALL \
-         (SELECT {COLUMNS} FROM nudge.events WHERE recipients IS NULL AND topic = ANY($4) AND seq > $1 AND seq <= $2 \
-           ORDER BY seq LIMIT $5)"
-    );
     let topics: Vec<&str> = topics.to_vec();
     let rows = client
         .query_typed(
-            &sql,
+            REPLAY,
             &[
                 (&since, Type::INT8),
                 (&until, Type::INT8),
@@ -284,7 +294,7 @@ pub async fn delete_processed(pool: &Pool, retention: Duration) -> Result<u64, Q
     Ok(deleted)
 }
 
-/// One row of `COLUMNS` (or of `nudge.claim()`), checked field by field: nothing a producer wrote may panic here.
+/// One row of `columns!()` (or of `nudge.claim()`), checked field by field: nothing a producer wrote may panic here.
 fn event(row: &Row) -> Result<Event, Undecodable> {
     let id: i64 = row.try_get(1).map_err(|e| Undecodable { id: -1, reason: e.to_string() })?;
     let bad = |what: &str, e: &dyn std::fmt::Display| Undecodable { id, reason: format!("{what}: {e}") };
