@@ -36,6 +36,9 @@ use crate::wake::Wakeups;
 const FRAMES_PER_FLUSH: usize = 64;
 /// Events one `resume` replays at most; beyond that the reply says `complete: false` and the client refetches.
 pub const RESUME_LIMIT: i64 = 1000;
+/// A `resume` whose replay (waiting for a connection of the replay pool included) takes longer answers
+/// `complete: false` with what it has not got: the client refetches rather than waits.
+const RESUME_DEADLINE: Duration = Duration::from_secs(4);
 /// Events one catch-up query reads; a catch-up repeats it until it reaches the cursor.
 const CATCH_UP_BATCH: i64 = 1000;
 
@@ -508,8 +511,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             };
         let topics: Vec<&str> = session.topics.iter().map(|t| &**t).collect();
         let user = session.identity.user.clone();
+        // Waiting for a replay connection counts too: under a storm of resumes each client still hears back soon.
         let replay = events::within(
-            self.shared.statement_timeout,
+            self.shared.statement_timeout.min(RESUME_DEADLINE),
             events::replay(&self.shared.replay_pool, &user, &topics, since, until, RESUME_LIMIT),
         )
         .await;

@@ -204,7 +204,7 @@ impl Relay {
             _ = self.claims.wait() => {}
         }
         flow.record_wakeups(self.claims.requested());
-        self.claim_pass().await?;
+        self.claim_pass(Some(flow)).await?;
         Ok(Some(if flow.rate >= self.settings.awake_above { Phase::Awake } else { Phase::Idle }))
     }
 
@@ -234,7 +234,7 @@ impl Relay {
         self.metrics.awake_periods.fetch_add(1, Ordering::Relaxed);
         let mut last_rows = Instant::now();
         loop {
-            let claimed = self.claim_pass().await?;
+            let claimed = self.claim_pass(None).await?;
             flow.record(claimed as u64);
             if flow.rate < self.settings.awake_above * AWAKE_BELOW_SHARE {
                 break;
@@ -265,7 +265,7 @@ impl Relay {
             let settled = gate::producers_settled(&self.pool).await?;
             // Released: producers NOTIFY again, so count their wake-ups.
             flow.record_wakeups(self.claims.requested());
-            self.claim_pass().await?;
+            self.claim_pass(None).await?;
             if settled {
                 return Ok(Some(Phase::Idle));
             }
@@ -283,7 +283,12 @@ impl Relay {
     }
 
     /// Claim batches until one comes back short; returns the rows claimed.
-    async fn claim_pass(&self) -> Result<usize, events::QueryError> {
+    ///
+    /// An idle relay passes its `flow`: producers that keep every batch full would otherwise keep it in one
+    /// endless pass, never measuring their rate and never going awake, while every one of them pays its NOTIFY.
+    /// After each full batch it counts the wake-ups that came meanwhile and, once the rate calls for it, ends the
+    /// pass so that the claim loop goes awake (which claims what is left).
+    async fn claim_pass(&self, mut idle_flow: Option<&mut Flow>) -> Result<usize, events::QueryError> {
         self.metrics.claim_passes.fetch_add(1, Ordering::Relaxed);
         let mut total = 0;
         loop {
@@ -304,6 +309,12 @@ impl Relay {
             }
             if (claimed.claimed as i64) < self.settings.claim_batch {
                 return Ok(total);
+            }
+            if let Some(flow) = idle_flow.as_deref_mut() {
+                flow.record_wakeups(self.claims.requested());
+                if flow.rate >= self.settings.awake_above {
+                    return Ok(total);
+                }
             }
         }
     }

@@ -106,7 +106,7 @@ async fn producers_cannot_write_nudges_own_columns_or_an_infinite_time() {
 
 /// Clients that fall behind their queue (here: every batch is larger than the 4-frame queue, and some clients
 /// do not read for a while) are neither closed nor allowed to delay others: they catch up from the table, in
-/// order, exactly once. Before, routing waited up to 500 ms for each of them and then closed them with 1013.
+/// order, exactly once.
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_readers_catch_up_from_the_table_without_delaying_anyone() {
     let db = TestDb::new().await;
