@@ -3,6 +3,11 @@
 //! The algorithm is fixed by configuration and jsonwebtoken's `Validation` is set up deliberately: its defaults
 //! (60 s leeway, `nbf` unchecked, `aud` checked only when present) are not what a relay that hands out live data
 //! should accept. `Identity` is what a connection keeps: the user, the expiry, the topics it may subscribe to.
+//!
+//! The time claims are checked here, not by jsonwebtoken, so that every number an issuer can sign has one
+//! documented answer (`check_times`): jsonwebtoken rounds a fractional `exp`, calls a negative one "missing", and
+//! subtracts the leeway from the clock unchecked. `exp` is a JSON number, fractions dropped, no later than
+//! [`MAX_EXP`]; `nbf`, when present, a JSON number, fractions rounded up; `iat` is not read.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,6 +16,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// The latest `exp` nudge accepts: 9999-12-31T23:59:59Z in Unix seconds, the last second a four-digit year names
+/// (RFC 3339, and most date libraries). Later ones are refused with [`AuthError::ExpBeyondHorizon`]. It bounds
+/// every [`Identity::valid_until`], and every `expires_at` a client is told fits a JavaScript number exactly.
+pub const MAX_EXP: u64 = 253_402_300_799;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum JwtAlgorithm {
@@ -75,6 +86,11 @@ pub enum AuthError {
     Expired,
     #[error("token is not valid yet (nbf)")]
     NotYetValid,
+    /// `exp` or `nbf` is not a JSON number (a string, `true`, an array...).
+    #[error("token claim {0} is not a number of seconds since 1970")]
+    NotANumericDate(&'static str),
+    #[error("token claim exp is after 9999-12-31T23:59:59Z, the latest nudge accepts")]
+    ExpBeyondHorizon,
     #[error("token signature is invalid")]
     BadSignature,
     #[error("token algorithm is not the configured {0}")]
@@ -96,9 +112,13 @@ pub enum AuthError {
 pub struct Identity {
     /// The JWT `sub`; events name recipients by it. Shared with the hub's index, hence `Arc`.
     pub user: Arc<str>,
-    /// The token's `exp` (Unix seconds), as told to the client in `ready` / `refreshed`.
+    /// The token's `exp` in whole Unix seconds (a fraction dropped), as told to the client in `ready` /
+    /// `refreshed`. At most [`MAX_EXP`].
     pub expires_at: u64,
-    /// When the connection must be closed with `token_expired`: `exp` plus the configured leeway.
+    /// When the connection must be closed with `token_expired`: `expires_at` plus the configured leeway, but never
+    /// later than [`MAX_EXP`] (9999-12-31T23:59:59Z). `valid_until - now` is therefore below 8,000 years
+    /// (2.6e11 s), which `Instant::now()` can take added (std's `Instant` holds i64 seconds; tokio's timer clamps
+    /// deadlines beyond its wheel).
     pub valid_until: SystemTime,
     pub topics: TopicPatterns,
 }
@@ -123,9 +143,52 @@ impl TopicPatterns {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
-    exp: u64,
+    /// The time claims as NumericDates (`numeric_date`), judged by `check_times`. JSON `null` counts as absent.
+    #[serde(default, deserialize_with = "exp_date")]
+    exp: Option<f64>,
+    #[serde(default, deserialize_with = "nbf_date")]
+    nbf: Option<f64>,
     #[serde(default)]
     topics: Option<Vec<String>>,
+}
+
+/// The message of a time claim that is not a JSON number; `explain` finds it in serde's error.
+fn not_a_numeric_date(claim: &'static str) -> String {
+    AuthError::NotANumericDate(claim).to_string()
+}
+
+fn exp_date<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<f64>, D::Error> {
+    numeric_date(deserializer, "exp")
+}
+
+fn nbf_date<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<f64>, D::Error> {
+    numeric_date(deserializer, "nbf")
+}
+
+/// A NumericDate (RFC 7519 section 2: seconds since 1970, fractions allowed) as an `f64`. Read from the raw text, so
+/// that every JSON number has a value: integers up to 2^53 exactly (the whole range up to [`MAX_EXP`] is far
+/// below), larger ones rounded, and beyond `f64`'s range ±infinity, where serde_json would refuse them.
+///
+/// Any other JSON value is an error of our own, raised while our struct is read, before jsonwebtoken reads the
+/// same claims for its own checks: its reader gives up in the middle of an array or object there and reports only
+/// "expected `,` or `}`".
+fn numeric_date<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+    claim: &'static str,
+) -> Result<Option<f64>, D::Error> {
+    let Some(raw) = Option::<Box<RawValue>>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    let text = raw.get().trim();
+    // A JSON number starts with `-` or a digit, and Rust's float grammar includes JSON's.
+    match text.starts_with(|c: char| c == '-' || c.is_ascii_digit()).then(|| text.parse::<f64>().ok()).flatten() {
+        Some(seconds) => Ok(Some(seconds)),
+        None => Err(serde::de::Error::custom(not_a_numeric_date(claim))),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Verifies tokens with the one configured key and algorithm.
@@ -133,7 +196,8 @@ pub struct Authenticator {
     key: DecodingKey,
     validation: Validation,
     algorithm: JwtAlgorithm,
-    leeway: Duration,
+    /// Clock leeway for `exp` and `nbf`, in whole seconds (rounded up).
+    leeway: u64,
 }
 
 impl Authenticator {
@@ -164,10 +228,12 @@ impl Authenticator {
         };
 
         let mut validation = Validation::new(algorithm.jsonwebtoken());
-        validation.leeway = settings.leeway.as_secs() + u64::from(settings.leeway.subsec_nanos() > 0);
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
-        let mut required = vec!["exp", "sub"];
+        // `check_times` does these, with one rule for every number (module doc).
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.leeway = 0;
+        let leeway = settings.leeway.as_secs().saturating_add(u64::from(settings.leeway.subsec_nanos() > 0));
+        let mut required = vec!["sub"];
         match &settings.audience {
             Some(aud) => {
                 validation.set_audience(&[aud]);
@@ -182,7 +248,6 @@ impl Authenticator {
         }
         validation.set_required_spec_claims(&required);
 
-        let leeway = Duration::from_secs(validation.leeway);
         Ok(Authenticator { key, validation, algorithm, leeway })
     }
 
@@ -192,12 +257,43 @@ impl Authenticator {
         if claims.sub.is_empty() {
             return Err(AuthError::MissingClaim("sub".into()));
         }
+        let expires_at = self.check_times(&claims, unix_now())?;
+        let valid_until = expires_at.saturating_add(self.leeway).min(MAX_EXP);
         Ok(Identity {
             user: claims.sub.into(),
-            expires_at: claims.exp,
-            valid_until: UNIX_EPOCH + Duration::from_secs(claims.exp) + self.leeway,
+            expires_at,
+            valid_until: UNIX_EPOCH + Duration::from_secs(valid_until),
             topics: TopicPatterns::new(claims.topics.unwrap_or_default()),
         })
+    }
+
+    /// The time claims, at `now` (Unix seconds); returns `exp` in whole seconds. That `exp` and `nbf` are JSON
+    /// numbers was checked as they were read ([`AuthError::NotANumericDate`]). Then, in this order:
+    /// - `exp` must be present ([`AuthError::MissingClaim`]); a fraction is dropped (a token is never valid longer
+    ///   than it says). Later than [`MAX_EXP`]: [`AuthError::ExpBeyondHorizon`]. Negative, or before `now` even
+    ///   with the leeway: [`AuthError::Expired`].
+    /// - `nbf`, if present, is rounded up (never valid sooner than it says); later than `now` plus the leeway:
+    ///   [`AuthError::NotYetValid`]. Any past value, negative ones included, is fine.
+    /// - `iat` is not read: it neither widens nor narrows what `exp` and `nbf` allow.
+    fn check_times(&self, claims: &Claims, now: u64) -> Result<u64, AuthError> {
+        let exp = claims.exp.ok_or_else(|| AuthError::MissingClaim("exp".into()))?.floor();
+        if exp > MAX_EXP as f64 {
+            return Err(AuthError::ExpBeyondHorizon);
+        }
+        if exp < 0.0 {
+            return Err(AuthError::Expired);
+        }
+        // Exact: 0 <= exp <= MAX_EXP, an integer.
+        let exp = exp as u64;
+        if exp.saturating_add(self.leeway) < now {
+            return Err(AuthError::Expired);
+        }
+        if let Some(nbf) = claims.nbf {
+            if nbf.ceil() > now.saturating_add(self.leeway) as f64 {
+                return Err(AuthError::NotYetValid);
+            }
+        }
+        Ok(exp)
     }
 
     fn explain(&self, error: jsonwebtoken::errors::Error) -> AuthError {
@@ -219,9 +315,11 @@ impl Authenticator {
             ErrorKind::Json(e) if e.to_string().contains("unknown variant") => {
                 AuthError::WrongAlgorithm(self.algorithm_name())
             }
-            // Our claims struct requires `sub` and `exp`, so serde reports them missing before jsonwebtoken does.
+            // Our claims struct requires `sub`, so serde reports it missing before jsonwebtoken does.
             ErrorKind::Json(e) => match e.to_string().split('`').nth(1) {
                 Some(field) if e.to_string().starts_with("missing field") => AuthError::MissingClaim(field.to_owned()),
+                _ if e.to_string().starts_with(&not_a_numeric_date("exp")) => AuthError::NotANumericDate("exp"),
+                _ if e.to_string().starts_with(&not_a_numeric_date("nbf")) => AuthError::NotANumericDate("nbf"),
                 _ => AuthError::Malformed(e.to_string()),
             },
             _ => AuthError::Malformed(error.to_string()),
@@ -263,11 +361,12 @@ pub struct TokenRequest<'a> {
 
 /// Sign an HS256 token. Production tokens come from the application's backend; this is for development.
 pub fn issue_token(secret: &str, request: &TokenRequest<'_>) -> Result<String, jsonwebtoken::errors::Error> {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = unix_now();
     let claims = IssuedClaims {
         sub: request.sub,
         iat: now,
-        exp: now + request.ttl.as_secs().max(1),
+        // An absurd `--ttl` gets the latest `exp` nudge accepts rather than an overflow.
+        exp: now.saturating_add(request.ttl.as_secs().max(1)).min(MAX_EXP),
         topics: request.topics,
         aud: request.audience,
         iss: request.issuer,
@@ -371,6 +470,93 @@ mod tests {
         assert_eq!(auth.verify(&wrong).unwrap_err(), AuthError::WrongAudience);
         let right = sign(Algorithm::HS256, json!({"sub": "a", "exp": now() + 60, "aud": "app"}));
         assert!(auth.verify(&right).is_ok());
+    }
+
+    /// An HS256 token over exactly this payload text (numbers a `serde_json::Value` cannot hold, such as 1e400).
+    fn sign_text(payload: &str) -> String {
+        use base64_like::encode_url;
+        let message = format!("{}.{}", encode_url(br#"{"alg":"HS256","typ":"JWT"}"#), encode_url(payload.as_bytes()));
+        let key = EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef");
+        let signature = jsonwebtoken::crypto::sign(message.as_bytes(), &key, Algorithm::HS256).expect("signs");
+        format!("{message}.{signature}")
+    }
+
+    #[test]
+    fn every_exp_has_one_documented_answer() {
+        let auth = hs256(None);
+        let verify = |exp: &str| auth.verify(&sign_text(&format!(r#"{{"sub":"a","exp":{exp}}}"#)));
+        let hour = now() + 3600;
+        for beyond in ["253402300800", "4611686018427387904", "18446744073709551615", "18446744073709551616", "1e300"] {
+            assert_eq!(verify(beyond).unwrap_err(), AuthError::ExpBeyondHorizon, "{beyond}");
+        }
+        assert_eq!(verify("1e400").unwrap_err(), AuthError::ExpBeyondHorizon);
+        for past in ["-1", "-0", "0", "0.9", "-1e300", "-1e400", "-9223372036854775808", "1e-300"] {
+            assert_eq!(verify(past).unwrap_err(), AuthError::Expired, "{past}");
+        }
+        for not_a_number in [r#""1700000000""#, "true", "[1]", "{}"] {
+            assert_eq!(verify(not_a_number).unwrap_err(), AuthError::NotANumericDate("exp"), "{not_a_number}");
+        }
+        assert_eq!(verify("null").unwrap_err(), AuthError::MissingClaim("exp".into()));
+
+        let horizon = verify("253402300799").expect("the horizon itself is accepted");
+        assert_eq!(horizon.expires_at, MAX_EXP);
+        assert_eq!(horizon.valid_until, UNIX_EPOCH + Duration::from_secs(MAX_EXP));
+        for (text, whole) in [
+            (format!("{hour}.999"), hour),
+            (format!("{hour}e0"), hour),
+            (format!("{}e2", hour / 100), hour / 100 * 100),
+        ] {
+            let identity = verify(&text).expect("fractions and exponents are numbers");
+            assert_eq!(identity.expires_at, whole, "{text}");
+            assert_eq!(identity.valid_until, UNIX_EPOCH + Duration::from_secs(whole), "{text}");
+        }
+    }
+
+    #[test]
+    fn nbf_is_a_number_rounded_up_and_iat_is_not_read() {
+        let auth = hs256(None);
+        let hour = now() + 3600;
+        let verify = |more: &str| auth.verify(&sign_text(&format!(r#"{{"sub":"a","exp":{hour},{more}}}"#)));
+        for past in ["-1", "0", "0.5", "-1e400", "-18446744073709551616", &(now() - 10).to_string()] {
+            assert!(verify(&format!(r#""nbf":{past}"#)).is_ok(), "nbf {past}");
+        }
+        for future in
+            ["1e300", "1e400", "18446744073709551615", &(now() + 60).to_string(), &format!("{}.5", now() + 60)]
+        {
+            assert_eq!(verify(&format!(r#""nbf":{future}"#)).unwrap_err(), AuthError::NotYetValid, "nbf {future}");
+        }
+        for not_a_number in [r#""0""#, "false", "[0]", r#"{"n":0}"#] {
+            let answer = verify(&format!(r#""nbf":{not_a_number}"#)).unwrap_err();
+            assert_eq!(answer, AuthError::NotANumericDate("nbf"), "nbf {not_a_number}");
+        }
+        assert!(verify(r#""nbf":null"#).is_ok());
+        for iat in ["1e400", "-1", "18446744073709551616", r#""yesterday""#, "null", "[]"] {
+            assert_eq!(verify(&format!(r#""iat":{iat}"#)).expect("iat is not read").expires_at, hour, "iat {iat}");
+        }
+    }
+
+    #[test]
+    fn any_leeway_keeps_valid_until_within_the_horizon() {
+        let with_leeway = |leeway| {
+            Authenticator::new(JwtSettings {
+                algorithm: JwtAlgorithm::Hs256,
+                key: JwtKey::Secret("0123456789abcdef0123456789abcdef".into()),
+                audience: None,
+                issuer: None,
+                leeway,
+            })
+            .expect("valid settings")
+        };
+        assert_eq!(with_leeway(Duration::from_millis(1)).leeway, 1, "rounded up");
+        for leeway in [Duration::from_secs(u64::MAX), Duration::MAX] {
+            let auth = with_leeway(leeway);
+            assert_eq!(auth.leeway, u64::MAX);
+            let identity = auth.verify(&sign_text(r#"{"sub":"a","exp":0}"#)).expect("within a huge leeway");
+            assert_eq!(identity.expires_at, 0);
+            assert_eq!(identity.valid_until, UNIX_EPOCH + Duration::from_secs(MAX_EXP));
+            let early = sign_text(r#"{"sub":"a","exp":253402300799,"nbf":253402300799}"#);
+            assert!(auth.verify(&early).is_ok());
+        }
     }
 
     /// Just enough unpadded base64url to forge an `alg: none` token without another dependency.

@@ -424,3 +424,127 @@ async fn any_origin_is_allowed_by_default() {
     let mut ws = Ws::connect_with_headers(&nudge.ws_url(), &[("origin", "https://evil.example")]).await.unwrap();
     ws.ping().await;
 }
+
+/// An HS256 token over exactly this payload text: numbers no `serde_json::Value` holds (2^64, 1e400) written the
+/// way a broken or hostile issuer would write them.
+fn hs256_payload(payload: &str) -> String {
+    let message = format!("{}.{}", b64url(br#"{"alg":"HS256","typ":"JWT"}"#), b64url(payload.as_bytes()));
+    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+    let signature = jsonwebtoken::crypto::sign(message.as_bytes(), &key, Algorithm::HS256).unwrap();
+    format!("{message}.{signature}")
+}
+
+/// Status and body of the answer to an upgrade request for `path`, the token (if any) in `Authorization`.
+async fn upgrade_answer(nudge: &Nudge, path: &str, bearer: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = nudge.port;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let authorization = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{authorization}\r\n"
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    // A refusal ends the connection; an upgrade (or a task that died) would not answer with a body and close.
+    let _ = tokio::time::timeout(SOON, s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, body.to_string())
+}
+
+/// Validly signed tokens whose `exp`, `nbf` or `iat` is absurd: each gets the documented answer on every path a
+/// token takes (header, query string, `auth` message, `refresh`), nothing panics, and the node keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn absurd_time_claims_get_their_documented_answer_and_panic_nothing() {
+    let (db, nudge) = start(&[("NUDGE_CLIENT_RATE", "1000")]).await;
+    // A client that is there before, during and after: the node must keep serving it.
+    let mut bystander = authed(&nudge, "bob", &["post:*"]).await;
+    bystander.subscribe("post:1").await;
+    // A connection that refreshes with every token: refused ones must leave it as it was.
+    let mut refresher = authed(&nudge, "alice", &[]).await;
+
+    let now = now_secs();
+    let hour = now + 3600;
+    let claims = |time_claims: String| format!(r#"{{"sub":"alice",{time_claims}}}"#);
+    let beyond = "token claim exp is after 9999-12-31T23:59:59Z, the latest nudge accepts";
+    let not_a_date = |claim: &str| format!("token claim {claim} is not a number of seconds since 1970");
+    let refused = [
+        (claims(format!(r#""exp":{}"#, 1u64 << 62)), beyond.to_string()),
+        (claims(format!(r#""exp":{}"#, u64::MAX)), beyond.to_string()),
+        (claims(r#""exp":18446744073709551616"#.into()), beyond.to_string()),
+        (claims(r#""exp":1e300"#.into()), beyond.to_string()),
+        (claims(r#""exp":1e400"#.into()), beyond.to_string()),
+        (claims(r#""exp":253402300800"#.into()), beyond.to_string()),
+        (claims(r#""exp":-1"#.into()), "token expired".to_string()),
+        (claims(format!(r#""exp":{}"#, i64::MIN)), "token expired".to_string()),
+        (claims(r#""exp":-1e400"#.into()), "token expired".to_string()),
+        (claims(r#""exp":0"#.into()), "token expired".to_string()),
+        (claims(r#""exp":0.5"#.into()), "token expired".to_string()),
+        (claims(format!(r#""exp":"{hour}""#)), not_a_date("exp")),
+        (claims(r#""exp":null"#.into()), "token lacks the required claim exp".to_string()),
+        (claims(format!(r#""exp":{hour},"nbf":1e300"#)), "token is not valid yet (nbf)".to_string()),
+        (claims(format!(r#""exp":{hour},"nbf":{}"#, u64::MAX)), "token is not valid yet (nbf)".to_string()),
+        (claims(format!(r#""exp":{hour},"nbf":[0]"#)), not_a_date("nbf")),
+    ];
+    for (payload, reason) in &refused {
+        let token = hs256_payload(payload);
+        let expected = (401, format!("{reason}\n"));
+        assert_eq!(upgrade_answer(&nudge, "/ws", Some(&token)).await, expected, "header, {payload}");
+        assert_eq!(upgrade_answer(&nudge, &format!("/ws?token={token}"), None).await, expected, "query, {payload}");
+
+        let mut ws = Ws::connect(&nudge.ws_url()).await.unwrap();
+        ws.send_json(json!({"type": "auth", "token": token})).await;
+        assert_eq!(ws.expect_error("unauthorized").await["message"], reason.as_str(), "auth message, {payload}");
+        assert_eq!(ws.expect_close(SOON).await.0, 4001, "auth message, {payload}");
+
+        refresher.send_json(json!({"type": "refresh", "token": token})).await;
+        assert_eq!(refresher.expect_error("unauthorized").await["message"], reason.as_str(), "refresh, {payload}");
+        refresher.ping().await;
+    }
+
+    let accepted = [
+        // The horizon itself: a connection whose deadline is 8,000 years away.
+        (claims(r#""exp":253402300799"#.into()), 253_402_300_799),
+        // Fractions of a second are dropped.
+        (claims(format!(r#""exp":{hour}.75"#)), hour),
+        (claims(format!(r#""exp":{hour}e0,"nbf":0.5"#)), hour),
+        (claims(format!(r#""exp":{hour},"nbf":-1e400"#)), hour),
+        (claims(format!(r#""exp":{hour},"nbf":{}"#, i64::MIN)), hour),
+        // `iat` is not read.
+        (claims(format!(r#""exp":{hour},"iat":1e400"#)), hour),
+        (claims(format!(r#""exp":{hour},"iat":18446744073709551616"#)), hour),
+        (claims(format!(r#""exp":{hour},"iat":-1"#)), hour),
+        (claims(format!(r#""exp":{hour},"iat":"yesterday""#)), hour),
+    ];
+    let mut open = Vec::new();
+    for (payload, expires_at) in &accepted {
+        let token = hs256_payload(payload);
+        let ready = json!({"type": "ready", "user": "alice", "expires_at": expires_at});
+        let bearer = format!("Bearer {token}");
+        let mut ws = Ws::connect_with_headers(&nudge.ws_url(), &[("authorization", &bearer)]).await.unwrap();
+        assert_eq!(ws.recv_json(SOON).await, ready, "header, {payload}");
+        open.push(ws);
+        let mut ws = Ws::connect(&format!("{}?token={token}", nudge.ws_url())).await.unwrap();
+        assert_eq!(ws.recv_json(SOON).await, ready, "query, {payload}");
+        open.push(ws);
+        let mut ws = Ws::connect(&nudge.ws_url()).await.unwrap();
+        assert_eq!(ws.auth(&token).await, ready, "auth message, {payload}");
+        open.push(ws);
+
+        refresher.send_json(json!({"type": "refresh", "token": token})).await;
+        assert_eq!(refresher.recv_json(SOON).await, json!({"type": "refreshed", "expires_at": expires_at}));
+    }
+    for ws in &mut open {
+        ws.ping().await;
+    }
+    refresher.ping().await;
+
+    let id = insert_event(&db.client().await, "post:1", "k", "{}").await;
+    assert_eq!(bystander.recv_type("event").await["id"], id);
+    let mut newcomer = authed(&nudge, "carol", &["post:*"]).await;
+    newcomer.ping().await;
+    let log = nudge.log();
+    assert!(!log.contains("panicked"), "a task panicked:\n{log}");
+}
