@@ -59,6 +59,11 @@ pub async fn run(
     } = config;
     // Wired in by the HTTP, replay and database-timeout work that follows.
     let _ = (&http_limits, replay_pool_size, &timeouts);
+    // Every session this node opens (pool, LISTEN, wake gate, migrations) carries the keepalive and TCP user
+    // timeout options; `nudge demo` builds its own configuration, so they are applied here too.
+    let (mut database, mut listen_database) = (database, listen_database);
+    db::apply_timeouts(&mut database, &timeouts);
+    db::apply_timeouts(&mut listen_database, &timeouts);
     let pool = db::pool(&database, pool_size)?;
     let listener = bind(listen).map_err(|source| StartError::Listen { addr: listen, source })?;
     let local = listener.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?;
@@ -169,6 +174,7 @@ async fn run_database_side(
         deliveries: relay.deliveries.clone(),
         peers: relay.peers.clone(),
         node_id,
+        pools: vec![relay.pool.clone()],
     };
     tokio::spawn(db::listen::run(session_db, listeners, relay.readiness.clone(), shutdown.clone()));
     let poll = spawn_relay(&relay, &shutdown, |r, s| async move { r.run_poll(s).await });
