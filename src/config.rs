@@ -315,13 +315,13 @@ impl Options {
     pub fn database(&self) -> Result<tokio_postgres::Config, ConfigError> {
         let url = self.database_url.as_deref().ok_or(ConfigError::MissingDatabaseUrl)?;
         // tokio-postgres' messages never echo the password back.
-        parse_database_url(url).map_err(ConfigError::BadDatabaseUrl)
+        parse_database_url(url, &self.database_timeouts()).map_err(ConfigError::BadDatabaseUrl)
     }
 
     /// The direct session for LISTEN and migrations: NUDGE_LISTEN_DATABASE_URL, else NUDGE_DATABASE_URL.
     pub fn listen_database(&self) -> Result<tokio_postgres::Config, ConfigError> {
         match self.listen_database_url.as_deref() {
-            Some(url) => parse_database_url(url).map_err(ConfigError::BadListenDatabaseUrl),
+            Some(url) => parse_database_url(url, &self.database_timeouts()).map_err(ConfigError::BadListenDatabaseUrl),
             None => self.database(),
         }
     }
@@ -368,7 +368,9 @@ impl Options {
             }
         }
         let listen_database = match self.listen_database_url.as_deref() {
-            Some(url) => parse_database_url(url).map_err(ConfigError::BadListenDatabaseUrl)?,
+            Some(url) => {
+                parse_database_url(url, &self.database_timeouts()).map_err(ConfigError::BadListenDatabaseUrl)?
+            }
             None => database.clone(),
         };
         Ok(ServeConfig {
@@ -454,13 +456,15 @@ impl Options {
     }
 }
 
-fn parse_database_url(url: &str) -> Result<tokio_postgres::Config, String> {
+/// A URL or key=value string, with nudge's session settings: `connect_timeout` 5 s unless the URL sets one (it
+/// bounds the whole session setup, `db::connect_bound`), and the `NUDGE_DB_*` keepalive and TCP user timeout
+/// options, which override the URL's `keepalives*` and `tcp_user_timeout` (`db::apply_timeouts`).
+fn parse_database_url(url: &str, timeouts: &DatabaseTimeouts) -> Result<tokio_postgres::Config, String> {
     let mut config = tokio_postgres::Config::from_str(url).map_err(|e| e.to_string())?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));
     }
-    // Notice a dead network path within about a minute instead of the kernel's two hours.
-    config.keepalives_idle(Duration::from_secs(30));
+    crate::db::apply_timeouts(&mut config, timeouts);
     Ok(config)
 }
 

@@ -446,6 +446,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let topics: Vec<&str> = session.topics.iter().map(|t| &**t).collect();
             let user = session.identity.user.clone();
             let replay = events::within(
+                &self.shared.replay_pool,
                 self.shared.statement_timeout,
                 events::replay(&self.shared.replay_pool, &user, &topics, since, until, CATCH_UP_BATCH),
             )
@@ -512,11 +513,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let topics: Vec<&str> = session.topics.iter().map(|t| &**t).collect();
         let user = session.identity.user.clone();
         // Waiting for a replay connection counts too: under a storm of resumes each client still hears back soon.
-        let replay = events::within(
-            self.shared.statement_timeout.min(RESUME_DEADLINE),
-            events::replay(&self.shared.replay_pool, &user, &topics, since, until, RESUME_LIMIT),
-        )
-        .await;
+        let pool = &self.shared.replay_pool;
+        let query = events::replay(pool, &user, &topics, since, until, RESUME_LIMIT);
+        let replay = tokio::time::timeout(RESUME_DEADLINE, events::within(pool, self.shared.statement_timeout, query))
+            .await
+            .unwrap_or(Err(events::QueryError::Timeout(RESUME_DEADLINE)));
         drop(topics);
         let (mut events, complete, skip_through) = match replay {
             Ok(replay) => (replay.events, replay.complete && known, replay.skip_through),

@@ -94,7 +94,9 @@ async fn run(command: Command, options: Options) -> Result<(), Failure> {
 async fn status(options: &Options) -> Result<(), Failure> {
     let database = options.database()?;
     let runtime = |e: tokio_postgres::Error| Failure::Runtime(format!("cannot read the cluster status: {e}"));
-    let session = db::Session::connect(&database).await.map_err(runtime)?;
+    let session = db::Session::connect(&database)
+        .await
+        .map_err(|e| Failure::Runtime(format!("cannot read the cluster status: {e}")))?;
     let status = db::nodes::status(&session).await;
     session.close().await;
     let status = status.map_err(runtime)?;

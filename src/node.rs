@@ -58,8 +58,13 @@ pub async fn run(
         timeouts,
         migrate,
     } = config;
-    // Wired in by the HTTP and database-liveness work that follows.
+    // Wired in by the HTTP work that follows.
     let _ = &http_limits;
+    // Every session this node opens (pool, LISTEN, wake gate, migrations) carries the keepalive and TCP user
+    // timeout options; `nudge demo` builds its own configuration, so they are applied here too.
+    let (mut database, mut listen_database) = (database, listen_database);
+    db::apply_timeouts(&mut database, &timeouts);
+    db::apply_timeouts(&mut listen_database, &timeouts);
     let pool = db::pool(&database, pool_size)?;
     // Replays and catch-ups on a pool of their own: however many clients resume at once, claims and live
     // delivery never wait behind them (they wait for each other, up to the pool's wait timeout).
@@ -68,6 +73,7 @@ pub async fn run(
         replay_database.application_name("nudge-replay");
     }
     let replay_pool = db::pool(&replay_database, replay_pool_size)?;
+    let replay_pool_handle = replay_pool.clone();
     let listener = bind(listen).map_err(|source| StartError::Listen { addr: listen, source })?;
     let local = listener.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?;
 
@@ -118,7 +124,9 @@ pub async fn run(
 
     let node = NodeIdentity { id: node_id, address: local.to_string() };
     tracing::info!(node = %node.id, "node started");
-    let relay_task = tokio::spawn(run_database_side(relay, listen_database, migrate, node, shutdown.clone()));
+    // When LISTEN is lost, sessions of both pools opened before are distrusted (db::distrust_sessions).
+    let pools = vec![relay.pool.clone(), replay_pool_handle];
+    let relay_task = tokio::spawn(run_database_side(relay, listen_database, migrate, node, pools, shutdown.clone()));
 
     shutdown::os_signal().await;
     tracing::info!("shutting down: closing connections, finishing the claim pass in progress");
@@ -163,6 +171,7 @@ async fn run_database_side(
     session_db: tokio_postgres::Config,
     migrate: bool,
     node: NodeIdentity,
+    pools: Vec<deadpool_postgres::Pool>,
     shutdown: Shutdown,
 ) {
     if !relay::prepare_schema(&session_db, migrate, &relay.readiness, shutdown.clone()).await {
@@ -186,6 +195,7 @@ async fn run_database_side(
                 deliveries: r.deliveries.clone(),
                 peers: r.peers.clone(),
                 node_id: r.node_id.clone(),
+                pools: pools.clone(),
             };
             db::listen::run(session_db.clone(), listeners, readiness.clone(), s)
         })

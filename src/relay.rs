@@ -135,6 +135,8 @@ enum ClaimError {
     Query(#[from] events::QueryError),
     #[error("wake gate session failed: {0}")]
     Gate(#[from] tokio_postgres::Error),
+    #[error("wake gate session: no answer within {0:?} (NUDGE_STATEMENT_TIMEOUT)")]
+    GateTimeout(Duration),
 }
 
 impl Relay {
@@ -228,7 +230,7 @@ impl Relay {
                 }
             },
         };
-        if !session.hold_awake().await? {
+        if !self.on_gate(session.hold_awake()).await? {
             return Ok(Some(Phase::Settling));
         }
         self.metrics.awake_periods.fetch_add(1, Ordering::Relaxed);
@@ -253,7 +255,7 @@ impl Relay {
                 _ = self.claims.wait() => {}
             }
         }
-        session.release_awake().await?;
+        self.on_gate(session.release_awake()).await?;
         Ok(Some(Phase::Settling))
     }
 
@@ -262,7 +264,8 @@ impl Relay {
     async fn settle(&self, flow: &mut Flow, shutdown: &mut Shutdown) -> Result<Option<Phase>, ClaimError> {
         let mut delay = AWAKE_POLL;
         loop {
-            let settled = gate::producers_settled(&self.pool).await?;
+            let settled =
+                events::within(&self.pool, self.statement_timeout, gate::producers_settled(&self.pool)).await?;
             // Released: producers NOTIFY again, so count their wake-ups.
             flow.record_wakeups(self.claims.requested());
             self.claim_pass(None).await?;
@@ -282,6 +285,18 @@ impl Relay {
         }
     }
 
+    /// A statement on the wake gate's own session, under the statement timeout: a gate session gone silent must
+    /// not hang the claim loop (the caller drops the session, which releases `awake`, and settles).
+    async fn on_gate<T>(
+        &self,
+        statement: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, ClaimError> {
+        match tokio::time::timeout(self.statement_timeout, statement).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(ClaimError::GateTimeout(self.statement_timeout)),
+        }
+    }
+
     /// Claim batches until one comes back short; returns the rows claimed.
     ///
     /// An idle relay passes its `flow`: producers that keep every batch full would otherwise keep it in one
@@ -295,7 +310,7 @@ impl Relay {
             let tell_others = self.peers.others_alive();
             let started = Instant::now();
             let claim = events::claim_batch(&self.pool, self.settings.claim_batch, self.settings.max_age, tell_others);
-            let claimed = events::within(self.statement_timeout, claim).await?;
+            let claimed = events::within(&self.pool, self.statement_timeout, claim).await?;
             self.metrics.claim_durations.record(started.elapsed());
             total += claimed.claimed;
             self.metrics.claimed.fetch_add(claimed.claimed as u64, Ordering::Relaxed);
@@ -363,7 +378,7 @@ impl Relay {
                 return Ok(());
             }
             let read = events::read_after(&self.pool, self.hub.cursor(), self.settings.claim_batch);
-            let batch = events::within(self.statement_timeout, read).await?;
+            let batch = events::within(&self.pool, self.statement_timeout, read).await?;
             if batch.is_empty() {
                 return Ok(());
             }
@@ -391,7 +406,7 @@ impl Relay {
     pub async fn start_cursor(&self, mut shutdown: Shutdown) -> bool {
         let mut backoff = Backoff::default();
         loop {
-            match events::within(self.statement_timeout, events::last_seq(&self.pool)).await {
+            match events::within(&self.pool, self.statement_timeout, events::last_seq(&self.pool)).await {
                 Ok(last) => {
                     self.hub.start_at(last);
                     return true;
@@ -432,6 +447,7 @@ impl Relay {
             }
             loop {
                 match events::within(
+                    &self.pool,
                     self.statement_timeout,
                     events::delete_processed(&self.pool, self.settings.retention),
                 )
@@ -467,7 +483,7 @@ impl Relay {
             let connections = i32::try_from(self.hub.connections()).unwrap_or(i32::MAX);
             let seen = self.peers.seen();
             let beat = nodes::heartbeat(&self.pool, node_id, address, connections, self.hub.cursor());
-            match events::within(self.statement_timeout, beat).await {
+            match events::within(&self.pool, self.statement_timeout, beat).await {
                 Ok(beat) => {
                     self.peers.heartbeat(seen, beat.others);
                     self.metrics.lag_events.store(beat.lag_events, Ordering::Relaxed);

@@ -100,14 +100,21 @@ pub struct Undecodable {
     pub reason: String,
 }
 
-/// Run one of nudge's own queries with a client-side limit: a database session that went silent (no RST) must
-/// not hang a loop until the kernel gives up on it. The abandoned session fails by itself later (keepalives, TCP
-/// user timeout) and the pool discards it then.
+/// Run one of nudge's own queries on `pool` with a client-side limit: a database session that went silent (no
+/// RST) must not hang a loop until the kernel gives up on it. A query that times out makes every pooled session
+/// opened before it suspect (`db::distrust_sessions`): a silent path costs one timeout, not one per session.
 pub async fn within<T>(
+    pool: &Pool,
     limit: Duration,
     query: impl std::future::Future<Output = Result<T, QueryError>>,
 ) -> Result<T, QueryError> {
-    tokio::time::timeout(limit, query).await.unwrap_or(Err(QueryError::Timeout(limit)))
+    match tokio::time::timeout(limit, query).await {
+        Ok(result) => result,
+        Err(_) => {
+            super::distrust_sessions(std::slice::from_ref(pool));
+            Err(QueryError::Timeout(limit))
+        }
+    }
 }
 
 /// Claim up to `limit` pending rows and number the deliverable ones; with `tell_others`, NOTIFY every node:

@@ -6,13 +6,21 @@
 //! seq a claim handed out, so a node reads only when someone else claimed; the announcing node's id). That is
 //! why a lost notification (the connection was down) costs nothing but latency: every (re)connect wakes both
 //! loops at once, and the fallback poll covers the rest.
+//!
+//! A LISTEN session mostly waits, so a session that went silent (a failover that dropped packets, no FIN, no RST)
+//! would look like a quiet one forever. It probes itself on the keepalive schedule ([`Liveness`]): a query after
+//! `NUDGE_DB_KEEPALIVE_IDLE`, answered within `NUDGE_DB_KEEPALIVE_INTERVAL` x `NUDGE_DB_KEEPALIVE_COUNT`, or the
+//! session is given up: `/readyz` answers 503, pooled sessions from before are discarded (they likely took the
+//! same path), and a new session is opened (with backoff), which wakes both loops.
 
 use std::future::poll_fn;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio_postgres::{AsyncMessage, NoTls};
+use deadpool_postgres::Pool;
+use tokio_postgres::AsyncMessage;
 
-use super::{nodes, Backoff};
+use super::{nodes, Backoff, ConnectError, Liveness};
 use crate::health::Readiness;
 use crate::shutdown::Shutdown;
 use crate::wake::{DeliveryWakeups, Peers, Wakeups};
@@ -22,6 +30,8 @@ pub const INSERTED: &str = "nudge";
 /// The channel every claim notifies when it commits (payload: the last seq it handed out).
 pub const CLAIMED: &str = "nudge_claimed";
 const LISTEN: &str = "LISTEN nudge; LISTEN nudge_claimed; LISTEN nudge_nodes";
+/// The liveness probe: the cheapest statement with a round trip through the server.
+const PROBE: &str = "SELECT 1";
 
 /// Who to wake for each channel.
 pub struct Listeners {
@@ -31,6 +41,21 @@ pub struct Listeners {
     pub peers: Arc<Peers>,
     /// Our own announcements come back to us too; they say nothing.
     pub node_id: String,
+    /// Pools whose sessions are distrusted when the LISTEN session is lost (`db::distrust_sessions`).
+    pub pools: Vec<Pool>,
+}
+
+/// Why a LISTEN session ended.
+#[derive(Debug, thiserror::Error)]
+enum ListenError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("{}", super::describe(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("no answer from the database within {0:?}")]
+    Silent(Duration),
+    #[error("closed by the server")]
+    Closed,
 }
 
 /// Keep a LISTEN session open until shutdown, reconnecting with backoff.
@@ -43,18 +68,19 @@ pub async fn run(
     let mut config = config;
     // Operators find this session in pg_stat_activity by name (and tests kill it by name).
     config.application_name("nudge-listen");
+    let liveness = Liveness::of(&config);
     let mut backoff = Backoff::default();
     loop {
-        let session = listen_once(&config, &wakeups, &readiness, &mut backoff);
+        let session = listen_once(&config, liveness, &wakeups, &readiness, &mut backoff);
         let ended = tokio::select! {
             ended = session => ended,
             _ = shutdown.triggered() => return,
         };
         readiness.set_listen(false);
-        let reason = match ended {
-            Ok(()) => "LISTEN connection closed by the server".to_owned(),
-            Err(e) => format!("LISTEN connection failed: {e}"),
-        };
+        // Whatever took this session may have taken the pool's too: a query on a silent session waits for the
+        // kernel's timeouts (or, behind a proxy, forever).
+        super::distrust_sessions(&wakeups.pools);
+        let reason = format!("LISTEN connection failed: {ended}");
         tracing::warn!("{reason}; reconnecting");
         readiness.set_error(reason);
         tokio::select! {
@@ -64,14 +90,20 @@ pub async fn run(
     }
 }
 
-/// One session: connect, LISTEN, wake the relay, then forward notifications until the connection ends.
+/// One session: connect, LISTEN, wake the relay, then forward notifications until the connection ends or stops
+/// answering. Returns why it ended.
 async fn listen_once(
     config: &tokio_postgres::Config,
+    liveness: Liveness,
     wakeups: &Listeners,
     readiness: &Readiness,
     backoff: &mut Backoff,
-) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = config.connect(NoTls).await?;
+) -> ListenError {
+    let (session, mut connection) = match super::connect(config).await {
+        Ok(connected) => connected,
+        Err(e) => return e.into(),
+    };
+    let client = &session;
     // The connection object does the I/O for `client` too, so it is polled while LISTEN runs.
     let notifications = async {
         loop {
@@ -87,15 +119,24 @@ async fn listen_once(
                 }
                 Some(Ok(AsyncMessage::Notification(_))) => wakeups.claims.wake(),
                 Some(Ok(_notice)) => {}
-                Some(Err(e)) => return Err(e),
-                None => return Ok(()),
+                Some(Err(e)) => return ListenError::Postgres(e),
+                None => return ListenError::Closed,
             }
         }
     };
     tokio::pin!(notifications);
+    let answered = |statement| async move {
+        match tokio::time::timeout(liveness.answer_within, client.batch_execute(statement)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ListenError::Postgres(e)),
+            Err(_) => Err(ListenError::Silent(liveness.answer_within)),
+        }
+    };
     tokio::select! {
         ended = &mut notifications => return ended,
-        listening = client.batch_execute(LISTEN) => listening?,
+        listening = answered(LISTEN) => if let Err(e) = listening {
+            return e;
+        },
     }
     readiness.set_listen(true);
     backoff.reset();
@@ -105,7 +146,18 @@ async fn listen_once(
     wakeups.claims.wake();
     wakeups.deliveries.look();
     wakeups.peers.may_have_missed_announcements();
-    let ended = notifications.await;
-    drop(client);
+    let probes = async {
+        loop {
+            tokio::time::sleep(liveness.probe_every).await;
+            if let Err(e) = answered(PROBE).await {
+                return e;
+            }
+        }
+    };
+    let ended = tokio::select! {
+        ended = notifications => ended,
+        failed = probes => failed,
+    };
+    drop(session);
     ended
 }

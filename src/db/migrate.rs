@@ -6,7 +6,7 @@
 
 use tokio_postgres::Client;
 
-use super::Session;
+use super::{ConnectError, Session};
 
 pub struct Migration {
     pub version: i32,
@@ -30,7 +30,7 @@ const LOCK_KEY: i64 = 0x006e_7564_6765;
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
     #[error("cannot connect to PostgreSQL: {0}")]
-    Connect(#[source] tokio_postgres::Error),
+    Connect(#[source] ConnectError),
     #[error("migration {name} failed: {source}")]
     Apply { name: &'static str, source: tokio_postgres::Error },
     #[error("reading applied migrations failed: {0}")]

@@ -1,5 +1,11 @@
 //! Everything nudge says to PostgreSQL: the schema ([`migrate`]), the LISTEN connection ([`listen`]), and the
-//! claim and retention queries ([`claim`]). Claims and cleanup use a deadpool pool; LISTEN has its own session.
+//! claim and retention queries ([`events`]). Claims and cleanup use a deadpool pool; LISTEN has its own session.
+//!
+//! How a session that went away without a word is noticed (a failover that drops packets, no FIN, no RST):
+//! every session carries the `NUDGE_DB_*` keepalive and TCP user timeout settings ([`apply_timeouts`]), so the
+//! kernel declares a silent direct connection dead; the LISTEN session also probes itself ([`Liveness`]), which
+//! works through proxies too (a proxy's kernel answers keepalives for a dead backend); and when LISTEN is lost,
+//! every pooled session that was opened or handed out before is discarded ([`distrust_sessions`]).
 
 pub mod events;
 pub mod gate;
@@ -7,10 +13,82 @@ pub mod listen;
 pub mod migrate;
 pub mod nodes;
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::tls::NoTlsStream;
+use tokio_postgres::{NoTls, Socket};
+
+use crate::config::DatabaseTimeouts;
+
+/// Apply nudge's liveness options to a session's configuration. They win over the URL's `keepalives`,
+/// `keepalives_idle`, `keepalives_interval`, `keepalives_retries` and `tcp_user_timeout` (keepalives are always
+/// on). They act on TCP sessions only; a Unix-socket host has no network path to lose.
+pub fn apply_timeouts(config: &mut tokio_postgres::Config, timeouts: &DatabaseTimeouts) {
+    config
+        .keepalives(true)
+        .keepalives_idle(timeouts.keepalive_idle)
+        .keepalives_interval(timeouts.keepalive_interval)
+        .keepalives_retries(timeouts.keepalive_count)
+        .tcp_user_timeout(timeouts.tcp_user_timeout);
+}
+
+/// The same schedule as the TCP keepalive, one level up: a query after `probe_every`, which must be answered
+/// within `answer_within` (interval x count). For sessions that sit idle waiting for the server (LISTEN): a
+/// proxy between nudge and PostgreSQL (PgBouncer, HAProxy, a cloud proxy) keeps answering TCP keepalives after
+/// its backend went silent, so only a round trip through the server proves the session is alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    pub probe_every: Duration,
+    pub answer_within: Duration,
+}
+
+impl Liveness {
+    /// Read from a configuration that went through [`apply_timeouts`] (tokio-postgres' defaults otherwise).
+    pub fn of(config: &tokio_postgres::Config) -> Liveness {
+        let interval = config.get_keepalives_interval().unwrap_or(Duration::from_secs(5));
+        let count = config.get_keepalives_retries().unwrap_or(3).max(1);
+        Liveness { probe_every: config.get_keepalives_idle(), answer_within: interval * count }
+    }
+}
+
+/// A tokio-postgres error with its cause: its own text is often only "db error" or "error communicating with
+/// the server".
+pub fn describe(error: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(error) {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
+    }
+}
+
+/// A connection attempt that failed, or did not finish in time.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{}", describe(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("no database session within {0:?} (connect_timeout)")]
+    Timeout(Duration),
+}
+
+/// How long opening a session may take in all: the URL's `connect_timeout` (5 s by default, see
+/// `config::parse_database_url`) per host. tokio-postgres applies `connect_timeout` to the TCP connect only;
+/// behind a proxy whose backend is gone the TCP connect succeeds and the startup exchange would wait forever.
+pub fn connect_bound(config: &tokio_postgres::Config) -> Duration {
+    let per_host = config.get_connect_timeout().copied().unwrap_or(Duration::from_secs(5));
+    per_host * config.get_hosts().len().max(1) as u32
+}
+
+/// Open a direct session, bounded by [`connect_bound`].
+pub async fn connect(
+    config: &tokio_postgres::Config,
+) -> Result<(tokio_postgres::Client, tokio_postgres::Connection<Socket, NoTlsStream>), ConnectError> {
+    let bound = connect_bound(config);
+    match tokio::time::timeout(bound, config.connect(NoTls)).await {
+        Ok(connected) => Ok(connected?),
+        Err(_) => Err(ConnectError::Timeout(bound)),
+    }
+}
 
 /// A direct session, not from the pool: for migrations, `nudge status`, the demo's setup and the wake gate.
 /// Derefs to the client; `close` ends it cleanly (the server sees a Terminate, not a reset).
@@ -21,8 +99,8 @@ pub struct Session {
 }
 
 impl Session {
-    pub async fn connect(config: &tokio_postgres::Config) -> Result<Session, tokio_postgres::Error> {
-        let (client, connection) = config.connect(NoTls).await?;
+    pub async fn connect(config: &tokio_postgres::Config) -> Result<Session, ConnectError> {
+        let (client, connection) = connect(config).await?;
         let driver = tokio::spawn(async move {
             let _ = connection.await;
         });
@@ -49,19 +127,63 @@ impl std::ops::DerefMut for Session {
     }
 }
 
+/// How long a pass waits for a pooled session when all are in use.
+const POOL_WAIT: Duration = Duration::from_secs(5);
+/// Recycling is `Fast`: no I/O, only "has the connection ended?", so this bound never bites in practice.
+const POOL_RECYCLE: Duration = Duration::from_secs(5);
+
+/// The pool for claims, deliveries and cleanup. It hands out only sessions that are still open (`Fast`
+/// recycling checks `Client::is_closed`, true once the kernel or the server ended the connection) and that were
+/// not in use or idle when the LISTEN session was lost ([`distrust_sessions`]). Creating a session is bounded by
+/// [`connect_bound`], waiting for one by `POOL_WAIT`.
 pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, deadpool_postgres::BuildError> {
     let mut config = config.clone();
     if config.get_application_name().is_none() {
         config.application_name("nudge");
     }
+    let create = connect_bound(&config);
     let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)
         .max_size(size)
         .runtime(Runtime::Tokio1)
         // A pool waiting forever would hide a dead database behind hanging passes.
-        .wait_timeout(Some(Duration::from_secs(5)))
-        .create_timeout(Some(Duration::from_secs(5)))
+        .wait_timeout(Some(POOL_WAIT))
+        .create_timeout(Some(create))
+        .recycle_timeout(Some(POOL_RECYCLE))
+        .pre_recycle(Hook::sync_fn(|_, metrics| {
+            if trusted(metrics.recycled.unwrap_or(metrics.created)) {
+                Ok(())
+            } else {
+                tracing::debug!("discarding a pooled session from before the LISTEN session was lost");
+                Err(HookError::message("session from before the LISTEN session was lost"))
+            }
+        }))
         .build()
+}
+
+/// Sessions last handed out (or opened) before this instant are not handed out again.
+static DISTRUSTED_BEFORE: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// The network path to the database may have failed (the LISTEN session was lost): every pooled session opened
+/// or handed out until now may be silent for good, and a query on it would wait for the kernel's timeouts (or
+/// forever, behind a proxy). Drop the idle ones now; those in use are discarded when they come back. Sessions
+/// opened from now on are trusted. Applies to every pool of the process.
+pub fn distrust_sessions(pools: &[Pool]) {
+    let now = Instant::now();
+    *DISTRUSTED_BEFORE.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+    for pool in pools {
+        let dropped = pool.retain(|_, metrics| metrics.recycled.unwrap_or(metrics.created) > now).removed.len();
+        if dropped > 0 {
+            tracing::info!(sessions = dropped, "discarded idle pooled sessions");
+        }
+    }
+}
+
+fn trusted(last_handed_out: Instant) -> bool {
+    match *DISTRUSTED_BEFORE.lock().unwrap_or_else(|e| e.into_inner()) {
+        Some(before) => last_handed_out > before,
+        None => true,
+    }
 }
 
 /// Exponential backoff for reconnects: 100 ms doubling to 5 s, with jitter so nodes do not retry in lockstep.
@@ -87,5 +209,64 @@ impl Backoff {
 
     pub fn reset(&mut self) {
         *self = Backoff::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn options(args: &[&str]) -> crate::config::Options {
+        crate::config::Cli::try_parse_from([&["nudge"], args].concat()).expect("parse").options
+    }
+
+    #[test]
+    fn the_options_override_the_urls_keepalive_and_user_timeout_settings() {
+        let url = "postgres://u@db.example/app?keepalives=0&keepalives_idle=600&keepalives_interval=60\
+                   &keepalives_retries=20&tcp_user_timeout=300";
+        let options = options(&[
+            "--database-url",
+            url,
+            "--listen-database-url",
+            url,
+            "--db-keepalive-idle",
+            "7s",
+            "--db-keepalive-interval",
+            "2s",
+            "--db-keepalive-count",
+            "4",
+            "--db-tcp-user-timeout",
+            "9s",
+        ]);
+        // `database()` serves `nudge status`, `listen_database()` `nudge migrate`; `serve` goes through both.
+        for config in [options.database().unwrap(), options.listen_database().unwrap()] {
+            assert!(config.get_keepalives());
+            assert_eq!(config.get_keepalives_idle(), Duration::from_secs(7));
+            assert_eq!(config.get_keepalives_interval(), Some(Duration::from_secs(2)));
+            assert_eq!(config.get_keepalives_retries(), Some(4));
+            assert_eq!(config.get_tcp_user_timeout(), Some(&Duration::from_secs(9)));
+            assert_eq!(
+                Liveness::of(&config),
+                Liveness { probe_every: Duration::from_secs(7), answer_within: Duration::from_secs(8) }
+            );
+        }
+    }
+
+    #[test]
+    fn the_defaults_notice_a_silent_session_within_25s() {
+        let config = options(&["--database-url", "postgres://u@db.example/app"]).database().unwrap();
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(10));
+        assert_eq!(config.get_tcp_user_timeout(), Some(&Duration::from_secs(20)));
+        let liveness = Liveness::of(&config);
+        assert_eq!(liveness.probe_every + liveness.answer_within, Duration::from_secs(25));
+    }
+
+    #[test]
+    fn opening_a_session_is_bounded_by_connect_timeout_per_host() {
+        let one = options(&["--database-url", "postgres://u@db.example/app"]).database().unwrap();
+        assert_eq!(connect_bound(&one), Duration::from_secs(5));
+        let two = options(&["--database-url", "postgres://u@a,b/app?connect_timeout=3"]).database().unwrap();
+        assert_eq!(connect_bound(&two), Duration::from_secs(6));
     }
 }

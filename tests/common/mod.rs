@@ -904,3 +904,329 @@ pub async fn connect_watching(
     });
     (client, rx)
 }
+
+// ---------------------------------------------------------------------------------------------
+// A TCP proxy in front of PostgreSQL, to inject network faults
+// ---------------------------------------------------------------------------------------------
+
+/// What becomes of one proxied connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fate {
+    Forward,
+    /// Forward nothing, in either direction, and keep both sockets open: no FIN, no RST. (The proxy's kernel
+    /// still acknowledges what arrives, keepalive probes included: only a round trip through the server tells.)
+    Silent,
+    /// Close both sockets with RST (SO_LINGER 0).
+    Reset,
+}
+
+/// What the proxy does with connections it accepts from now on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Admit {
+    Forward,
+    /// Accept and hold silently: a network path that drops every packet after the TCP handshake.
+    Silent,
+    /// Accept and reset at once: nothing listening behind it.
+    Refuse,
+}
+
+struct ProxyState {
+    upstream: u16,
+    admit: Mutex<Admit>,
+    /// One per connection not yet reset; a dropped receiver means the connection ended.
+    connections: Mutex<Vec<tokio::sync::watch::Sender<Fate>>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// A TCP proxy on 127.0.0.1 in front of a PostgreSQL port, with faults on command: `go_silent`, `reset`,
+/// `blackhole`, `refuse`, `restore`. Pure tokio; runs on the test's runtime. Dropping it closes everything.
+pub struct Proxy {
+    pub port: u16,
+    state: Arc<ProxyState>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(ProxyState {
+            upstream,
+            admit: Mutex::new(Admit::Forward),
+            connections: Mutex::new(Vec::new()),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let accept = tokio::spawn(proxy_accept(listener, state.clone()));
+        state.tasks.lock().unwrap().push(accept);
+        Proxy { port, state }
+    }
+
+    /// The URL of database `name` through this proxy.
+    pub fn url(&self, name: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Every existing connection goes silent for good (no FIN, no RST); new connections work normally.
+    /// Returns how many connections it silenced.
+    pub fn go_silent(&self) -> usize {
+        *self.state.admit.lock().unwrap() = Admit::Forward;
+        self.fate_of_existing(Fate::Silent)
+    }
+
+    /// Every existing connection is closed with RST, both towards the client and towards PostgreSQL; new
+    /// connections work normally. Returns how many connections it reset.
+    pub fn reset(&self) -> usize {
+        *self.state.admit.lock().unwrap() = Admit::Forward;
+        self.fate_of_existing(Fate::Reset)
+    }
+
+    /// The network path is gone: existing connections go silent, new ones are accepted and then hear nothing.
+    pub fn blackhole(&self) -> usize {
+        *self.state.admit.lock().unwrap() = Admit::Silent;
+        self.fate_of_existing(Fate::Silent)
+    }
+
+    /// Nothing listens: existing connections are reset, new ones are reset as soon as they are accepted.
+    pub fn refuse(&self) -> usize {
+        *self.state.admit.lock().unwrap() = Admit::Refuse;
+        self.fate_of_existing(Fate::Reset)
+    }
+
+    /// New connections are forwarded again. Connections silenced before stay silent (they belong to the path that
+    /// failed); `reset` ends them.
+    pub fn restore(&self) {
+        *self.state.admit.lock().unwrap() = Admit::Forward;
+    }
+
+    /// Connections being forwarded now.
+    pub fn forwarding(&self) -> usize {
+        let mut connections = self.state.connections.lock().unwrap();
+        connections.retain(|c| !c.is_closed());
+        connections.iter().filter(|c| *c.borrow() == Fate::Forward).count()
+    }
+
+    fn fate_of_existing(&self, fate: Fate) -> usize {
+        let mut connections = self.state.connections.lock().unwrap();
+        connections.retain(|c| !c.is_closed());
+        let mut changed = 0;
+        for c in connections.iter() {
+            if *c.borrow() != fate && c.send(fate).is_ok() {
+                changed += 1;
+            }
+        }
+        if fate == Fate::Reset {
+            connections.clear();
+        }
+        changed
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        for task in self.state.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+async fn proxy_accept(listener: tokio::net::TcpListener, state: Arc<ProxyState>) {
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            continue;
+        };
+        let admit = *state.admit.lock().unwrap();
+        let fate = match admit {
+            Admit::Refuse => {
+                let _ = client.set_zero_linger();
+                continue;
+            }
+            Admit::Silent => Fate::Silent,
+            Admit::Forward => Fate::Forward,
+        };
+        let (tell, fate) = tokio::sync::watch::channel(fate);
+        state.connections.lock().unwrap().push(tell);
+        let task = tokio::spawn(proxy_connection(client, state.upstream, admit == Admit::Forward, fate));
+        let mut tasks = state.tasks.lock().unwrap();
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
+    }
+}
+
+async fn proxy_connection(
+    mut client: tokio::net::TcpStream,
+    upstream_port: u16,
+    connect: bool,
+    mut fate: tokio::sync::watch::Receiver<Fate>,
+) {
+    let mut upstream = None;
+    if connect {
+        match tokio::net::TcpStream::connect(("127.0.0.1", upstream_port)).await {
+            Ok(stream) => upstream = Some(stream),
+            Err(_) => {
+                // PostgreSQL is down: the client sees what it would see without the proxy, a refusal.
+                let _ = client.set_zero_linger();
+                return;
+            }
+        }
+    }
+    loop {
+        let now = *fate.borrow_and_update();
+        match (now, upstream.as_mut()) {
+            (Fate::Forward, Some(server)) => {
+                tokio::select! {
+                    // Either side closed (or failed): dropping both ends the other side too.
+                    _ = tokio::io::copy_bidirectional(&mut client, server) => return,
+                    changed = fate.changed() => if changed.is_err() {
+                        return;
+                    },
+                }
+            }
+            (Fate::Reset, _) => {
+                let _ = client.set_zero_linger();
+                if let Some(server) = &upstream {
+                    let _ = server.set_zero_linger();
+                }
+                return;
+            }
+            // Silent (or admitted silently): hold both sockets and read nothing until told otherwise.
+            _ => {
+                if fate.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A PostgreSQL cluster of one's own, to stop and start
+// ---------------------------------------------------------------------------------------------
+
+/// A PostgreSQL cluster for one test that restarts it (the shared `cluster()` serves every test of the binary).
+/// Stopped and removed when dropped, or when the test binary exits.
+pub struct OwnCluster {
+    pub port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+    root: bool,
+    _stdin: Mutex<ChildStdin>,
+    _wrapper: Mutex<Child>,
+}
+
+impl OwnCluster {
+    pub fn start() -> OwnCluster {
+        // The shared cluster first: both pick a free port and bind it later, so starting them concurrently could
+        // pick the same one.
+        cluster();
+        let bin = pg_bin_dir();
+        let root = is_root();
+        let dir = PathBuf::from(format!("/tmp/nudge-test-own-pg-{}", unique()));
+        std::fs::create_dir_all(&dir).unwrap();
+        if root {
+            let st = Command::new("chown").args(["-R", "postgres:"]).arg(&dir).status().unwrap();
+            assert!(st.success(), "chown of {} failed", dir.display());
+        }
+        let out = as_pg_user(root, &bin.join("initdb"))
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"])
+            .output()
+            .expect("run initdb");
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        // Whatever happens to the test, closing stdin (the binary exiting) stops the cluster and removes it.
+        let guard = format!(
+            "read _; '{pg_ctl}' -D '{dir}/data' -m immediate stop >/dev/null 2>&1; rm -rf '{dir}'",
+            pg_ctl = bin.join("pg_ctl").display(),
+            dir = dir.display(),
+        );
+        let mut wrapper = as_pg_user(root, Path::new("/bin/sh"))
+            .arg("-c")
+            .arg(guard)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the cluster's guard");
+        let stdin = wrapper.stdin.take().unwrap();
+        let cluster =
+            OwnCluster { port: free_port(), dir, bin, root, _stdin: Mutex::new(stdin), _wrapper: Mutex::new(wrapper) };
+        cluster.start_again();
+        cluster
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let out = as_pg_user(self.root, &self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(args)
+            .stdout(Stdio::null())
+            .output()
+            .expect("run pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
+        );
+    }
+
+    /// Fast shutdown, as an operator's restart does: every session is ended by the server.
+    pub fn stop(&self) {
+        self.pg_ctl(&["-m", "fast", "-w", "stop"]);
+    }
+
+    /// Start (again) on the same port, waiting until it accepts connections.
+    pub fn start_again(&self) {
+        let options = format!(
+            "-p {port} -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c listen_addresses=127.0.0.1 \
+             -c unix_socket_directories='{dir}' -c max_connections=100",
+            port = self.port,
+            dir = self.dir.display(),
+        );
+        let log = self.dir.join("postgres.log");
+        self.pg_ctl(&["-w", "-t", "60", "-l", log.to_str().unwrap(), "-o", &options, "start"]);
+    }
+
+    pub fn url(&self, name: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    pub async fn create_database(&self, name: &str) {
+        let admin = pg_connect(&self.url("postgres")).await;
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        // Stop now rather than when the binary exits; the guard then only removes the directory.
+        let _ = as_pg_user(self.root, &self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// TCP sockets from any process on this host to 127.0.0.1:`port` that are established, with their timer as
+/// /proc/net/tcp shows it: (kind, seconds left); kind 0 none, 1 retransmit, 2 keepalive, 4 zero window probe.
+pub fn established_to(port: u16) -> Vec<(u8, f64)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = u16::from_str_radix(fields.get(2)?.rsplit(':').next()?, 16).ok()?;
+            if remote_port != port || *fields.get(3)? != "01" {
+                return None;
+            }
+            let (kind, when) = fields.get(5)?.split_once(':')?;
+            let kind = u8::from_str_radix(kind, 16).ok()?;
+            // In USER_HZ ticks, 100 a second.
+            let when = u64::from_str_radix(when, 16).ok()? as f64 / 100.0;
+            Some((kind, when))
+        })
+        .collect()
+}
