@@ -1,7 +1,7 @@
 //! Wire protocol v1: the JSON text frames exchanged on `GET /ws`, and the close codes.
 //!
-//! This file is a contract (README, "Protocol v1"): adding a field or message is fine, changing one needs a new
-//! protocol version and a note in the README.
+//! This file is a contract (docs/protocol.md): adding a field or message is fine, changing one needs a new
+//! protocol version and a note in CHANGELOG.md.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
