@@ -1,6 +1,6 @@
 //! The demo's own backend: what an application's API would do, reduced to a live comment thread.
 //!
-//! Adding a comment inserts the comment and its nudge event in one transaction, exactly as docs/schema.md tells
+//! Adding a comment inserts the comment and its nudge event in one transaction, exactly as the README's "Publishing events" tells
 //! backends to; the page then fetches new comments from here, never from the hint. These routes exist only under
 //! `nudge demo`, token issuing included.
 
