@@ -58,7 +58,7 @@ pub async fn run(
         migrate,
     } = config;
     // Wired in by the HTTP, replay and database-timeout work that follows.
-    let _ = (&http_limits, replay_pool_size, &timeouts);
+    let _ = (replay_pool_size, &timeouts);
     let pool = db::pool(&database, pool_size)?;
     let listener = bind(listen).map_err(|source| StartError::Listen { addr: listen, source })?;
     let local = listener.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?;
@@ -85,6 +85,7 @@ pub async fn run(
         allowed_origins,
         slots: slots.clone(),
         max_connections,
+        http_limits,
         shutdown: shutdown.clone(),
     });
     let relay = Arc::new(Relay {
