@@ -290,17 +290,19 @@ fn upgrade(
         }
     }
 
-    let identity: Option<Identity> = match token_from(headers, query) {
-        None => None,
-        Some(token) => match server.shared.authenticator.verify(&token) {
+    let unauthorized = |message: String| {
+        let mut response = plain(StatusCode::UNAUTHORIZED, message);
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
+        response
+    };
+    let identity: Option<Identity> = match credentials(headers, query) {
+        Credentials::None => None,
+        Credentials::Malformed => return unauthorized("the Authorization header carries no Bearer token\n".into()),
+        Credentials::Token(token) => match server.shared.authenticator.verify(&token) {
             Ok(identity) => Some(identity),
-            Err(e) => {
-                let mut response = plain(StatusCode::UNAUTHORIZED, format!("{e}\n"));
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
-                return response;
-            }
+            Err(e) => return unauthorized(format!("{e}\n")),
         },
     };
 
@@ -344,13 +346,35 @@ fn upgrade(
     response
 }
 
-/// The token from `Authorization: Bearer …` or the `token` query parameter, if either is there.
-fn token_from(headers: &HeaderMap, query: &str) -> Option<String> {
-    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
-        let (scheme, token) = v.trim().split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
-    });
-    bearer.or_else(|| query.split('&').find_map(|pair| pair.strip_prefix("token=")).map(percent_decode))
+/// What an upgrade request says about who is connecting.
+#[derive(Debug, PartialEq, Eq)]
+enum Credentials {
+    /// Neither an `Authorization` header nor a `token` query parameter: the client sends `auth` later.
+    None,
+    Token(String),
+    /// An `Authorization` header that is not exactly one `Bearer <token>`: refused, never ignored.
+    Malformed,
+}
+
+/// The token from `Authorization: Bearer …` or, when there is no such header, the `token` query parameter.
+fn credentials(headers: &HeaderMap, query: &str) -> Credentials {
+    let mut authorization = headers.get_all(header::AUTHORIZATION).iter();
+    match (authorization.next(), authorization.next()) {
+        (None, _) => query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("token="))
+            .map_or(Credentials::None, |token| Credentials::Token(percent_decode(token))),
+        (Some(value), None) => bearer(value).map_or(Credentials::Malformed, Credentials::Token),
+        (Some(_), Some(_)) => Credentials::Malformed,
+    }
+}
+
+fn bearer(value: &HeaderValue) -> Option<String> {
+    let (scheme, token) = value.to_str().ok()?.trim().split_once(' ')?;
+    let token = token.trim_start();
+    let well_formed =
+        scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && !token.contains(char::is_whitespace);
+    well_formed.then(|| token.to_owned())
 }
 
 fn percent_decode(text: &str) -> String {
@@ -389,10 +413,28 @@ mod tests {
     #[test]
     fn token_comes_from_bearer_header_or_query() {
         let mut headers = HeaderMap::new();
-        assert_eq!(token_from(&headers, "a=1&token=abc.def%2Dg"), Some("abc.def-g".into()));
+        assert_eq!(credentials(&headers, "a=1&token=abc.def%2Dg"), Credentials::Token("abc.def-g".into()));
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer xyz"));
-        assert_eq!(token_from(&headers, "token=abc"), Some("xyz".into()));
-        assert_eq!(token_from(&HeaderMap::new(), "a=1"), None);
+        assert_eq!(credentials(&headers, "token=abc"), Credentials::Token("xyz".into()));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer   xyz "));
+        assert_eq!(credentials(&headers, ""), Credentials::Token("xyz".into()));
+        assert_eq!(credentials(&HeaderMap::new(), "a=1"), Credentials::None);
+    }
+
+    #[test]
+    fn an_authorization_header_without_a_bearer_token_is_malformed_whatever_the_query_says() {
+        for value in ["Bearer", "Bearer ", "Bearer   ", "Basic dXNlcjpwYXNz", "xyz", "Bearer a b", "Token xyz", ""] {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, HeaderValue::from_static(value));
+            assert_eq!(credentials(&headers, "token=abc"), Credentials::Malformed, "{value:?}");
+        }
+        let mut headers = HeaderMap::new();
+        headers.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer xyz"));
+        headers.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer abc"));
+        assert_eq!(credentials(&headers, ""), Credentials::Malformed, "two Authorization headers");
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_bytes(b"Bearer \xff").expect("a header value"));
+        assert_eq!(credentials(&headers, ""), Credentials::Malformed, "not visible ASCII");
     }
 
     #[test]
