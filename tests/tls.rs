@@ -216,14 +216,15 @@ fn tls_needs_both_files_and_readable_ones() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nudge_token_prints_a_token_that_authenticates() {
+    // The server first: starting it (and the test cluster) can take longer than the 5 s the ttl check allows.
+    let db = TestDb::new().await;
+    let nudge = Nudge::start(&db.url, &[]).await;
     let mut command = nudge_command(&[("NUDGE_JWT_SECRET", SECRET)]);
     command.args(["token", "--sub", "alice", "--topics", "post:*,chat:7", "--ttl", "10m"]);
     let (status, stdout, stderr) = run_with_deadline(command, SOON);
     assert!(status.success(), "{stderr}");
     let token = stdout.trim();
 
-    let db = TestDb::new().await;
-    let nudge = Nudge::start(&db.url, &[]).await;
     let mut ws = Ws::connect(&nudge.ws_url()).await.unwrap();
     let ready = ws.auth(token).await;
     assert_eq!(ready["user"], "alice");
