@@ -134,14 +134,20 @@ struct Hostile {
 
 /// Open `count` hostile sockets, of `kinds` in turn; the returned handles finish when the server has closed
 /// each one or `within` has passed. Returns once every socket is connected and has sent its bytes.
-async fn storm(port: u16, count: usize, kinds: &[Kind], within: Duration) -> Vec<tokio::task::JoinHandle<Hostile>> {
+async fn storm(
+    source: [u8; 4],
+    port: u16,
+    count: usize,
+    kinds: &[Kind],
+    within: Duration,
+) -> Vec<tokio::task::JoinHandle<Hostile>> {
     let (opened_tx, mut opened_rx) = tokio::sync::mpsc::channel(count);
     let mut handles = Vec::with_capacity(count);
     for i in 0..count {
         let kind = kinds[i % kinds.len()];
         let opened_tx = opened_tx.clone();
         handles.push(tokio::spawn(async move {
-            let stream = connect(port).await;
+            let stream = connect_from(source, port).await;
             let opened = Instant::now();
             let (mut read, mut write) = stream.into_split();
             match kind {
@@ -182,7 +188,7 @@ async fn idle_and_half_sent_sockets_are_closed_by_the_header_timeout_while_a_rea
 
     let storm_began = Instant::now();
     let kinds = [Kind::Idle, Kind::Half, Kind::Drip];
-    let storm = storm(nudge.port, HOSTILE, &kinds, HEADER_TIMEOUT + Duration::from_secs(5)).await;
+    let storm = storm([127, 0, 0, 1], nudge.port, HOSTILE, &kinds, HEADER_TIMEOUT + Duration::from_secs(5)).await;
 
     // During the storm a real client connects, subscribes and gets an event, without waiting for the storm.
     let started = Instant::now();
@@ -322,7 +328,9 @@ async fn an_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout_no
 
 /// The issue's target, measured against a given binary (not part of the suite):
 /// `STORM_BIN=target/release/nudge STORM_SOCKETS=5000 STORM_ENV=NUDGE_MAX_PENDING_CONNECTIONS=10000 \
-///  cargo test --test http_limits -- --ignored --nocapture storm_measurement`.
+///  cargo test --test http_limits -- --ignored --nocapture storm_measurement`
+/// (STORM_ENV: comma-separated NUDGE_*=value; STORM_SOURCE: the storm's source address, default 127.0.0.1,
+/// the real client's).
 /// Half the sockets send nothing, half send part of a header; meanwhile a real client connects, subscribes
 /// and gets an event every 250 ms until the server has closed every hostile socket.
 #[tokio::test(flavor = "multi_thread")]
@@ -347,7 +355,9 @@ async fn storm_measurement() {
     let producer = db.client().await;
 
     let began = Instant::now();
-    let storm = storm(nudge.port, sockets, &[Kind::Idle, Kind::Half], Duration::from_secs(120)).await;
+    let source = std::env::var("STORM_SOURCE").ok().and_then(|v| v.parse::<std::net::Ipv4Addr>().ok());
+    let source = source.map_or([127, 0, 0, 1], |ip| ip.octets());
+    let storm = storm(source, nudge.port, sockets, &[Kind::Idle, Kind::Half], Duration::from_secs(120)).await;
     let opened_in = began.elapsed();
     let storm = tokio::spawn(async move {
         let mut ended = Vec::with_capacity(storm.len());
@@ -376,7 +386,7 @@ async fn storm_measurement() {
     connects.sort();
     latencies.sort();
     println!(
-        "{sockets} hostile sockets ({bin}, {extra:?}): opened in {opened_in:?}; still open after 120 s: {open}; \
+        "{sockets} hostile sockets ({bin}, {extra:?}, from {source:?}): opened in {opened_in:?}; still open after 120 s: {open}; \
          closed after min {min:?}, max {max:?} (all closed {:?} after the first was opened)\n\
          real client during the storm, {} rounds: connect+auth+subscribe median {:?} max {:?}; \
          event latency median {:?} max {:?}",
