@@ -4,6 +4,11 @@
 //! connection limit are explicit here, and so the same loop can later serve TLS. The upgrade is done by hand
 //! rather than with `warp::ws()`, because warp gives every socket tungstenite's default 128 KiB read buffer and
 //! no way to change it; `Shared::websocket_config` sizes buffers for hints instead.
+//!
+//! What a connection may cost before it is a WebSocket (caps at accept, header and keep-alive deadlines, header
+//! size) is in [`limits`].
+
+mod limits;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,6 +21,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -27,6 +33,7 @@ use warp::reply::{Reply, Response};
 use warp::Filter;
 
 use crate::auth::Identity;
+use crate::config::HttpLimits;
 use crate::connection::{self, Shared};
 use crate::health::Readiness;
 use crate::shutdown::Shutdown;
@@ -43,19 +50,26 @@ pub struct Server {
     /// connection has finished during shutdown.
     pub slots: Arc<Semaphore>,
     pub max_connections: usize,
+    /// Deadlines and caps for connections not yet upgraded (`limits`).
+    pub http_limits: HttpLimits,
     pub shutdown: Shutdown,
 }
 
-/// The peer's address, put into each request's extensions by the accept loop.
-#[derive(Clone, Copy)]
-struct Peer(SocketAddr);
+/// The connection a request came on, put into each request's extensions by the accept loop.
+#[derive(Clone)]
+struct Peer {
+    addr: SocketAddr,
+    conn: Arc<limits::ConnState>,
+}
 
 /// Routes added by an embedder (`nudge demo`); `nudge serve` has none.
 pub type ExtraRoutes = BoxedFilter<(Response,)>;
 
 /// Accept connections until shutdown; with `tls`, every connection is a TLS one (wss).
 pub async fn serve(listener: TcpListener, server: Arc<Server>, tls: Option<TlsAcceptor>, extra: Option<ExtraRoutes>) {
-    let service = warp::service(routes(server.clone(), extra));
+    let admission = Arc::new(limits::Admission::new(&server.http_limits));
+    let service = warp::service(routes(server.clone(), admission.clone(), extra));
+    let mut refusals = Refusals::default();
     let mut shutdown = server.shutdown.clone();
     loop {
         let (stream, peer) = tokio::select! {
@@ -70,44 +84,107 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>, tls: Option<TlsAc
             },
             _ = shutdown.triggered() => return,
         };
+        let accepted_at = Instant::now();
+        let admitted = match admission.admit(peer.ip()) {
+            Ok(admitted) => admitted,
+            Err(refused) => {
+                // Closed before a byte is read or written: the client reads end-of-file (or a reset, if its
+                // request had already arrived).
+                drop(stream);
+                refusals.log(refused, &peer, &admission, &server.http_limits);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let service = service.clone();
         let tls = tls.clone();
+        let limits = server.http_limits.clone();
         tokio::spawn(async move {
+            let state = admitted.state.clone();
+            let socket = limits::Tracked::new(stream, admitted);
+            let clock = limits::HeaderClock::new(accepted_at, &limits, state.clone());
             match tls {
-                None => serve_http(stream, service, peer).await,
-                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => serve_http(stream, service, peer).await,
-                    Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                },
+                None => serve_http(socket, clock, &limits, service, Peer { addr: peer, conn: state.clone() }).await,
+                // The handshake is part of the first request's header deadline.
+                Some(acceptor) => {
+                    match tokio::time::timeout_at(accepted_at + limits.header_timeout, acceptor.accept(socket)).await {
+                        Ok(Ok(stream)) => {
+                            serve_http(stream, clock, &limits, service, Peer { addr: peer, conn: state.clone() }).await
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
             }
+            // Upgraded (the socket now belongs to its WebSocket task) or closed: no longer pending.
+            state.not_pending();
         });
     }
 }
 
-/// A peer that has not finished the TLS handshake by then is dropped.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections refused at accept are logged at most every `REFUSALS_LOGGED_EVERY`, so that a flood of them
+/// cannot flood the log too.
+#[derive(Default)]
+struct Refusals {
+    logged: Option<Instant>,
+    /// `Admission::refused` when last logged.
+    counted: (u64, u64),
+}
+
+const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(10);
+
+impl Refusals {
+    fn log(&mut self, refused: limits::Refused, peer: &SocketAddr, admission: &limits::Admission, limits: &HttpLimits) {
+        tracing::debug!(%peer, ?refused, "connection closed at accept");
+        if self.logged.is_some_and(|at| at.elapsed() < REFUSALS_LOGGED_EVERY) {
+            return;
+        }
+        self.logged = Some(Instant::now());
+        let (pending, per_ip) = admission.refused();
+        tracing::warn!(
+            "connections closed at accept since the last such message: {} over the pending-connection cap ({}), \
+             {} over the per-address cap ({})",
+            pending - self.counted.0,
+            limits.max_pending,
+            per_ip - self.counted.1,
+            limits.max_per_ip.map_or_else(|| "off".to_owned(), |n| n.to_string()),
+        );
+        self.counted = (pending, per_ip);
+    }
+}
 
 /// HTTP/1.1 on one connection (plain or TLS), with upgrades, handing requests to warp.
-async fn serve_http<IO, S>(io: IO, service: S, peer: SocketAddr)
+async fn serve_http<IO, S>(io: IO, clock: limits::HeaderClock, limits: &HttpLimits, service: S, peer: Peer)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: Service<hyper::Request<Incoming>, Response = Response, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
+    let addr = peer.addr;
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-        request.extensions_mut().insert(Peer(peer));
+        request.extensions_mut().insert(peer.clone());
         service.clone().call(request)
     });
-    let connection =
-        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service).with_upgrades();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    // hyper ignores `header_read_timeout` without a timer; `clock` decides the actual deadline of each wait.
+    builder.timer(clock).header_read_timeout(limits.header_timeout);
+    // A longer head gets 431 (hyper's answer) and the connection is closed; the read buffer of a connection
+    // never grows past this (hyper's floor is 8 KiB).
+    builder.max_header_size(limits.max_header_size).max_buf_size(limits.max_header_size.max(HYPER_MIN_BUF_SIZE));
+    let connection = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     if let Err(e) = connection.await {
-        tracing::debug!(%peer, "http connection ended: {e}");
+        tracing::debug!(peer = %addr, "http connection ended: {e}");
     }
 }
 
-fn routes(server: Arc<Server>, extra: Option<ExtraRoutes>) -> BoxedFilter<(Response,)> {
+/// `http1::Builder::max_buf_size` panics below this.
+const HYPER_MIN_BUF_SIZE: usize = 8192;
+
+fn routes(
+    server: Arc<Server>,
+    admission: Arc<limits::Admission>,
+    extra: Option<ExtraRoutes>,
+) -> BoxedFilter<(Response,)> {
     let with_server = warp::any().map(move || server.clone());
     let ws = warp::path!("ws")
         .and(warp::get())
@@ -117,7 +194,6 @@ fn routes(server: Arc<Server>, extra: Option<ExtraRoutes>) -> BoxedFilter<(Respo
         .and(warp::ext::optional::<OnUpgrade>())
         .and(warp::ext::optional::<Peer>())
         .map(|server: Arc<Server>, headers: HeaderMap, query: String, on_upgrade, peer: Option<Peer>| {
-            let peer = peer.map(|p| p.0).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
             upgrade(&server, &headers, &query, on_upgrade, peer)
         });
     let healthz = warp::path!("healthz").and(warp::get()).map(|| "ok\n".into_response());
@@ -128,9 +204,10 @@ fn routes(server: Arc<Server>, extra: Option<ExtraRoutes>) -> BoxedFilter<(Respo
                 Err(reason) => plain(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
             }
         });
-    let metrics = warp::path!("metrics").and(warp::get()).and(with_server).map(|server: Arc<Server>| {
+    let metrics = warp::path!("metrics").and(warp::get()).and(with_server).map(move |server: Arc<Server>| {
         let shared = &server.shared;
-        let text = shared.metrics.render(shared.hub.connections(), shared.wakeups.requested());
+        let mut text = shared.metrics.render(shared.hub.connections(), shared.wakeups.requested());
+        admission.render(&mut text);
         let mut response = text.into_response();
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
         response
@@ -183,7 +260,7 @@ fn upgrade(
     headers: &HeaderMap,
     query: &str,
     on_upgrade: Option<OnUpgrade>,
-    peer: SocketAddr,
+    peer: Option<Peer>,
 ) -> Response {
     let is = |name, token: &str| {
         headers
@@ -213,23 +290,33 @@ fn upgrade(
         }
     }
 
-    let identity: Option<Identity> = match token_from(headers, query) {
-        None => None,
-        Some(token) => match server.shared.authenticator.verify(&token) {
+    let unauthorized = |message: String| {
+        let mut response = plain(StatusCode::UNAUTHORIZED, message);
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
+        response
+    };
+    let identity: Option<Identity> = match credentials(headers, query) {
+        Credentials::None => None,
+        Credentials::Malformed => return unauthorized("the Authorization header carries no Bearer token\n".into()),
+        Credentials::Token(token) => match server.shared.authenticator.verify(&token) {
             Ok(identity) => Some(identity),
-            Err(e) => {
-                let mut response = plain(StatusCode::UNAUTHORIZED, format!("{e}\n"));
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
-                return response;
-            }
+            Err(e) => return unauthorized(format!("{e}\n")),
         },
     };
 
     let Ok(slot) = server.slots.clone().try_acquire_owned() else {
         let limit = server.max_connections;
         return plain(StatusCode::SERVICE_UNAVAILABLE, format!("connection limit ({limit}) reached\n"));
+    };
+    // From here the connection counts under `slots`, no longer as pending (before the client sees the 101).
+    let peer = match peer {
+        Some(Peer { addr, conn }) => {
+            conn.not_pending();
+            addr
+        }
+        None => SocketAddr::from(([0, 0, 0, 0], 0)),
     };
 
     let shared = server.shared.clone();
@@ -259,13 +346,35 @@ fn upgrade(
     response
 }
 
-/// The token from `Authorization: Bearer …` or the `token` query parameter, if either is there.
-fn token_from(headers: &HeaderMap, query: &str) -> Option<String> {
-    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
-        let (scheme, token) = v.trim().split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
-    });
-    bearer.or_else(|| query.split('&').find_map(|pair| pair.strip_prefix("token=")).map(percent_decode))
+/// What an upgrade request says about who is connecting.
+#[derive(Debug, PartialEq, Eq)]
+enum Credentials {
+    /// Neither an `Authorization` header nor a `token` query parameter: the client sends `auth` later.
+    None,
+    Token(String),
+    /// An `Authorization` header that is not exactly one `Bearer <token>`: refused, never ignored.
+    Malformed,
+}
+
+/// The token from `Authorization: Bearer …` or, when there is no such header, the `token` query parameter.
+fn credentials(headers: &HeaderMap, query: &str) -> Credentials {
+    let mut authorization = headers.get_all(header::AUTHORIZATION).iter();
+    match (authorization.next(), authorization.next()) {
+        (None, _) => query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("token="))
+            .map_or(Credentials::None, |token| Credentials::Token(percent_decode(token))),
+        (Some(value), None) => bearer(value).map_or(Credentials::Malformed, Credentials::Token),
+        (Some(_), Some(_)) => Credentials::Malformed,
+    }
+}
+
+fn bearer(value: &HeaderValue) -> Option<String> {
+    let (scheme, token) = value.to_str().ok()?.trim().split_once(' ')?;
+    let token = token.trim_start();
+    let well_formed =
+        scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && !token.contains(char::is_whitespace);
+    well_formed.then(|| token.to_owned())
 }
 
 fn percent_decode(text: &str) -> String {
@@ -304,10 +413,28 @@ mod tests {
     #[test]
     fn token_comes_from_bearer_header_or_query() {
         let mut headers = HeaderMap::new();
-        assert_eq!(token_from(&headers, "a=1&token=abc.def%2Dg"), Some("abc.def-g".into()));
+        assert_eq!(credentials(&headers, "a=1&token=abc.def%2Dg"), Credentials::Token("abc.def-g".into()));
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer xyz"));
-        assert_eq!(token_from(&headers, "token=abc"), Some("xyz".into()));
-        assert_eq!(token_from(&HeaderMap::new(), "a=1"), None);
+        assert_eq!(credentials(&headers, "token=abc"), Credentials::Token("xyz".into()));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer   xyz "));
+        assert_eq!(credentials(&headers, ""), Credentials::Token("xyz".into()));
+        assert_eq!(credentials(&HeaderMap::new(), "a=1"), Credentials::None);
+    }
+
+    #[test]
+    fn an_authorization_header_without_a_bearer_token_is_malformed_whatever_the_query_says() {
+        for value in ["Bearer", "Bearer ", "Bearer   ", "Basic dXNlcjpwYXNz", "xyz", "Bearer a b", "Token xyz", ""] {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, HeaderValue::from_static(value));
+            assert_eq!(credentials(&headers, "token=abc"), Credentials::Malformed, "{value:?}");
+        }
+        let mut headers = HeaderMap::new();
+        headers.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer xyz"));
+        headers.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer abc"));
+        assert_eq!(credentials(&headers, ""), Credentials::Malformed, "two Authorization headers");
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_bytes(b"Bearer \xff").expect("a header value"));
+        assert_eq!(credentials(&headers, ""), Credentials::Malformed, "not visible ASCII");
     }
 
     #[test]

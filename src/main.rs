@@ -3,14 +3,18 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{ArgMatches, CommandFactory, FromArgMatches};
 
 use nudge::config::{Cli, Command, ConfigError, Options, TokenArgs};
 use nudge::{auth, db, demo, node};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|matches| Cli::from_arg_matches(&matches).map(|cli| (cli, matches)))
+        .map_err(|e| e.format(&mut Cli::command()));
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) if !e.use_stderr() => {
             // --help and --version
             let _ = e.print();
@@ -38,7 +42,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = runtime.block_on(run(cli.command.unwrap_or(Command::Serve), cli.options));
+    let result = runtime.block_on(run(cli.command.unwrap_or(Command::Serve), cli.options, &matches));
     // Connection tasks still draining after the grace period are not waited for.
     runtime.shutdown_timeout(Duration::from_millis(100));
     match result {
@@ -66,7 +70,7 @@ impl From<ConfigError> for Failure {
     }
 }
 
-async fn run(command: Command, options: Options) -> Result<(), Failure> {
+async fn run(command: Command, options: Options, matches: &ArgMatches) -> Result<(), Failure> {
     match command {
         Command::Serve => {
             node::run(options.serve_config()?, None, |_| {}).await.map_err(|e| Failure::Runtime(e.to_string()))
@@ -82,7 +86,7 @@ async fn run(command: Command, options: Options) -> Result<(), Failure> {
         }
         Command::Token(args) => token(&options, &args),
         Command::Status => status(&options).await,
-        Command::Demo => demo::run(options).await.map_err(|e| match e {
+        Command::Demo => demo::run(options, demo::CommandLine::of(matches)).await.map_err(|e| match e {
             demo::DemoError::Config(e) => Failure::Config(e.to_string()),
             demo::DemoError::NoPostgres(message) => Failure::Config(message),
             other => Failure::Runtime(other.to_string()),

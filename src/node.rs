@@ -58,8 +58,6 @@ pub async fn run(
         timeouts,
         migrate,
     } = config;
-    // Wired in by the HTTP work that follows.
-    let _ = &http_limits;
     // Every session this node opens (pool, LISTEN, wake gate, migrations) carries the keepalive and TCP user
     // timeout options; `nudge demo` builds its own configuration, so they are applied here too.
     let (mut database, mut listen_database) = (database, listen_database);
@@ -100,6 +98,7 @@ pub async fn run(
         allowed_origins,
         slots: slots.clone(),
         max_connections,
+        http_limits,
         shutdown: shutdown.clone(),
     });
     let relay = Arc::new(Relay {

@@ -53,6 +53,32 @@ async fn bearer_header_with_bad_token_gets_401_before_upgrade() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn authorization_header_without_a_bearer_token_gets_401_even_beside_a_good_query_token() {
+    let (_db, nudge) = start(&[]).await;
+    let good = Claims::new("alice").hs256();
+    let with_query = format!("{}?token={good}", nudge.ws_url());
+    let other_scheme = format!("Token {good}");
+    for value in ["Bearer ", "Bearer", "Basic YWxpY2U6c2VjcmV0", "garbage", &other_scheme] {
+        for url in [nudge.ws_url(), with_query.clone()] {
+            match Ws::connect_with_headers(&url, &[("authorization", value)]).await {
+                Err(WsError::Http(response)) => {
+                    assert_eq!(response.status(), 401, "Authorization: {value:?} on {url}");
+                    let challenge = response.headers().get("www-authenticate").and_then(|v| v.to_str().ok());
+                    assert_eq!(challenge, Some("Bearer error=\"invalid_token\""), "Authorization: {value:?}");
+                }
+                Ok(_) => panic!("Authorization: {value:?} was let through on {url}"),
+                Err(e) => panic!("Authorization: {value:?} on {url}: {e}, expected HTTP 401"),
+            }
+        }
+    }
+    // A well-formed Bearer header still wins over the query.
+    let bearer = format!("Bearer {good}");
+    let bad_query = format!("{}?token=garbage", nudge.ws_url());
+    let mut ws = Ws::connect_with_headers(&bad_query, &[("authorization", &bearer)]).await.expect("upgrade");
+    assert_eq!(ws.recv_json(SOON).await["type"], "ready");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn query_token_good_opens_authenticated_with_ready_first() {
     let (_db, nudge) = start(&[]).await;
     let claims = Claims::new("alice");

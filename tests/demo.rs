@@ -85,10 +85,13 @@ async fn demo_routes_do_not_exist_under_serve() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn demo_uses_a_given_database_url() {
+async fn demo_uses_a_database_url_given_on_its_command_line() {
     let db = TestDb::new().await;
-    let mut command = nudge_command(&[("NUDGE_LISTEN", "127.0.0.1:0"), ("NUDGE_DATABASE_URL", &db.url)]);
-    command.arg("demo").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    let mut command = nudge_command(&[("NUDGE_LISTEN", "127.0.0.1:0")]);
+    command
+        .args(["demo", "--database-url", &db.url])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
     let demo = Nudge::spawn(command).await;
     demo.wait_ready().await;
     let tables: i64 = db
@@ -100,4 +103,41 @@ async fn demo_uses_a_given_database_url() {
         .get(0);
     assert!(tables >= 3, "nudge.events, nudge.schema_migrations and demo.comments in the given database");
     assert!(!std::env::temp_dir().join(format!("nudge-demo-{}", demo.pid())).exists());
+}
+
+/// The demo signs a token for anyone who asks: production settings lying around in its environment must not
+/// reach it. NUDGE_DATABASE_URL, NUDGE_JWT_SECRET and a public NUDGE_LISTEN are ignored.
+#[tokio::test(flavor = "multi_thread")]
+async fn demo_ignores_production_settings_in_its_environment() {
+    let production = TestDb::new().await;
+    let env = [
+        ("NUDGE_LISTEN", "0.0.0.0:0"),
+        ("NUDGE_DATABASE_URL", &production.url),
+        ("NUDGE_LISTEN_DATABASE_URL", &production.url),
+        ("NUDGE_JWT_SECRET", SECRET),
+        ("RUST_LOG", "info"),
+    ];
+    let mut command = nudge_command(&env);
+    command.arg("demo").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    // `spawn` waits for "listening on 127.0.0.1:": loopback, on the port NUDGE_LISTEN named.
+    let demo = Nudge::spawn(command).await;
+    demo.wait_ready().await;
+    assert!(demo.log().contains("listening on 127.0.0.1:"), "{}", demo.log());
+    assert!(std::env::temp_dir().join(format!("nudge-demo-{}", demo.pid())).is_dir(), "its own throwaway cluster");
+    let tables: i64 = production
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM pg_tables WHERE schemaname IN ('nudge', 'demo')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0, "the demo must not touch NUDGE_DATABASE_URL's database");
+
+    // A token signed with NUDGE_JWT_SECRET is refused; the demo's own tokens are accepted.
+    let production_token = Claims::new("alice").hs256();
+    assert_eq!(Ws::refused_status(&format!("{}?token={production_token}", demo.ws_url()), &[]).await, 401);
+    let (status, body) = http_post(demo.port, "/demo/token", &json!({"user": "bob"})).await;
+    assert_eq!(status, 200, "{body}");
+    let token = serde_json::from_str::<Value>(&body).unwrap()["token"].as_str().unwrap().to_owned();
+    authed_with(&demo, &token).await;
 }

@@ -157,6 +157,37 @@ async fn plain_ws_to_a_tls_port_fails_and_the_server_keeps_serving() {
     assert_eq!(http_get_tls(&cert, nudge.port, "/healthz").await, (200, "ok".into()));
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_sockets_that_send_no_request_are_closed_by_the_header_timeout_counted_from_accept() {
+    use tokio::io::AsyncReadExt;
+    let cert = TestCert::generate();
+    let db = TestDb::new().await;
+    let env = [("NUDGE_TLS_CERT", cert.cert()), ("NUDGE_TLS_KEY", cert.key()), ("NUDGE_HEADER_TIMEOUT", "1s".into())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let nudge = Nudge::start_unready(&db.url, &env).await;
+
+    // One sends no ClientHello; the other completes the handshake and then sends no request.
+    let started = std::time::Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(("127.0.0.1", nudge.port)).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", nudge.port)).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cert.client_config()));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut handshaken = connector.connect(name, tcp).await.expect("TLS handshake");
+
+    let mut buf = [0u8; 64];
+    // End-of-file or an error (no close_notify): closed either way; a timeout means still open.
+    let silent_end = tokio::time::timeout(Duration::from_secs(3), silent.read(&mut buf)).await;
+    let handshaken_end = tokio::time::timeout(Duration::from_secs(3), handshaken.read(&mut buf)).await;
+    assert!(
+        matches!(silent_end, Ok(Ok(0)) | Ok(Err(_))),
+        "no ClientHello: {silent_end:?} after {:?}",
+        started.elapsed()
+    );
+    assert!(matches!(handshaken_end, Ok(Ok(0)) | Ok(Err(_))), "no request: {handshaken_end:?}");
+    assert!(started.elapsed() < Duration::from_secs(3), "both closed {:?} after connecting", started.elapsed());
+    assert_eq!(http_get_tls(&cert, nudge.port, "/healthz").await, (200, "ok".into()));
+}
+
 #[test]
 fn tls_needs_both_files_and_readable_ones() {
     let cert = TestCert::generate();
@@ -185,14 +216,15 @@ fn tls_needs_both_files_and_readable_ones() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nudge_token_prints_a_token_that_authenticates() {
+    // The server first: starting it (and the test cluster) can take longer than the 5 s the ttl check allows.
+    let db = TestDb::new().await;
+    let nudge = Nudge::start(&db.url, &[]).await;
     let mut command = nudge_command(&[("NUDGE_JWT_SECRET", SECRET)]);
     command.args(["token", "--sub", "alice", "--topics", "post:*,chat:7", "--ttl", "10m"]);
     let (status, stdout, stderr) = run_with_deadline(command, SOON);
     assert!(status.success(), "{stderr}");
     let token = stdout.trim();
 
-    let db = TestDb::new().await;
-    let nudge = Nudge::start(&db.url, &[]).await;
     let mut ws = Ws::connect(&nudge.ws_url()).await.unwrap();
     let ready = ws.auth(token).await;
     assert_eq!(ready["user"], "alice");

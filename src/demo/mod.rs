@@ -1,17 +1,23 @@
 //! `nudge demo`: the product in one command.
 //!
-//! Starts a throwaway PostgreSQL (or uses `NUDGE_DATABASE_URL`), applies the migrations and the demo's own
+//! Starts a throwaway PostgreSQL (or uses `--database-url`), applies the migrations and the demo's own
 //! table, generates an HS256 secret, and runs a normal nudge node with the demo page and its small backend
 //! ([`api`]) mounted beside `/ws`. Nothing here is reachable under `nudge serve`.
+//!
+//! The demo's token route signs a token for any user name, so the demo must never run with production
+//! settings that happen to be in its environment: it ignores `NUDGE_DATABASE_URL`, `NUDGE_LISTEN_DATABASE_URL`
+//! and every `NUDGE_JWT_*` setting, always signs with a fresh random secret, and listens on loopback unless
+//! `--listen` is on its command line ([`restrict`]).
 
 mod api;
 mod postgres;
 
 use std::io::Read;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
 
+use crate::auth::JwtAlgorithm;
 use crate::config::{ConfigError, Options};
 use crate::{db, node};
 
@@ -30,7 +36,41 @@ pub enum DemoError {
     Start(#[from] node::StartError),
 }
 
-pub async fn run(options: Options) -> Result<(), DemoError> {
+/// Options `nudge demo` takes from its own command line only, and whether they were given there.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CommandLine {
+    /// `--listen`: without it the demo listens on 127.0.0.1 (on the port `NUDGE_LISTEN` or the default names).
+    pub listen: bool,
+    /// `--database-url`: without it the demo starts a throwaway PostgreSQL.
+    pub database_url: bool,
+}
+
+impl CommandLine {
+    pub fn of(matches: &clap::ArgMatches) -> CommandLine {
+        // Global options given after the subcommand are propagated up to the top-level matches.
+        let given = |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+        CommandLine { listen: given("listen"), database_url: given("database_url") }
+    }
+}
+
+/// Drop what the demo must not take from the environment (see the module comment).
+fn restrict(options: &mut Options, command_line: CommandLine) {
+    if !command_line.database_url {
+        options.database_url = None;
+    }
+    options.listen_database_url = None;
+    if !command_line.listen {
+        options.listen.set_ip(Ipv4Addr::LOCALHOST.into());
+    }
+    options.jwt_secret = None;
+    options.jwt_public_key = None;
+    options.jwt_algorithm = JwtAlgorithm::Hs256;
+    options.jwt_audience = None;
+    options.jwt_issuer = None;
+}
+
+pub async fn run(mut options: Options, command_line: CommandLine) -> Result<(), DemoError> {
+    restrict(&mut options, command_line);
     let (cluster, url) = match options.database_url.clone() {
         Some(url) => (None, url),
         None => {
@@ -45,10 +85,8 @@ pub async fn run(options: Options) -> Result<(), DemoError> {
     let database = tokio_postgres::Config::from_str(&url).map_err(|e| ConfigError::BadDatabaseUrl(e.to_string()))?;
     prepare_database(&database).await?;
 
-    let secret: Arc<str> = match options.jwt_secret.clone().filter(|s| !s.is_empty()) {
-        Some(secret) => secret.into(),
-        None => random_secret().map_err(|e| DemoError::Database(format!("cannot read /dev/urandom: {e}")))?.into(),
-    };
+    let secret: Arc<str> =
+        random_secret().map_err(|e| DemoError::Database(format!("cannot read /dev/urandom: {e}")))?.into();
     let config = options.serve_config_with(database.clone(), Some(secret.to_string()))?;
     let tls = config.tls.is_some();
     let pool = db::pool(&database, 4).map_err(|e| DemoError::Database(e.to_string()))?;
@@ -86,4 +124,61 @@ fn random_secret() -> std::io::Result<String> {
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, FromArgMatches};
+
+    use super::*;
+    use crate::config::Cli;
+
+    fn parse(args: &[&str]) -> (Options, CommandLine) {
+        let matches = Cli::command().try_get_matches_from(args).expect("valid arguments");
+        let cli = Cli::from_arg_matches(&matches).expect("valid arguments");
+        (cli.options, CommandLine::of(&matches))
+    }
+
+    #[test]
+    fn listen_and_database_url_count_only_from_the_command_line_before_or_after_demo() {
+        let (_, given) = parse(&["nudge", "demo", "--listen", "0.0.0.0:9", "--database-url", "postgres://h/d"]);
+        assert!(given.listen && given.database_url);
+        let (_, given) = parse(&["nudge", "--listen", "0.0.0.0:9", "demo"]);
+        assert!(given.listen && !given.database_url);
+        let (_, given) = parse(&["nudge", "demo"]);
+        assert!(!given.listen && !given.database_url, "a default is not the command line");
+    }
+
+    #[test]
+    fn the_demo_keeps_no_production_setting_it_was_not_given_on_its_command_line() {
+        let (mut options, _) = parse(&[
+            "nudge",
+            "demo",
+            "--listen",
+            "0.0.0.0:9000",
+            "--database-url",
+            "postgres://prod/db",
+            "--listen-database-url",
+            "postgres://prod/db",
+            "--jwt-secret",
+            "production",
+            "--jwt-audience",
+            "prod",
+            "--jwt-issuer",
+            "prod",
+        ]);
+        // As if --listen and --database-url had come from the environment.
+        restrict(&mut options, CommandLine::default());
+        assert_eq!(options.listen, SocketAddr::from(([127, 0, 0, 1], 9000)), "loopback, the port kept");
+        assert_eq!(options.database_url, None);
+        assert_eq!(options.listen_database_url, None);
+        assert_eq!((options.jwt_secret, options.jwt_audience, options.jwt_issuer), (None, None, None));
+        assert_eq!(options.jwt_algorithm, JwtAlgorithm::Hs256);
+
+        let (mut options, given) =
+            parse(&["nudge", "demo", "--listen", "0.0.0.0:9000", "--database-url", "postgres://h/d"]);
+        restrict(&mut options, given);
+        assert_eq!(options.listen, SocketAddr::from(([0, 0, 0, 0], 9000)));
+        assert_eq!(options.database_url.as_deref(), Some("postgres://h/d"));
+    }
 }

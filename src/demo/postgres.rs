@@ -16,7 +16,7 @@ use tokio_postgres::NoTls;
 pub enum ClusterError {
     #[error(
         "no PostgreSQL server binaries found (looked on PATH, pg_config --bindir, /usr/lib/postgresql/*/bin, Homebrew); \
-         install them (Debian/Ubuntu: sudo apt-get install postgresql; macOS: brew install postgresql) or set NUDGE_DATABASE_URL"
+         install them (Debian/Ubuntu: sudo apt-get install postgresql; macOS: brew install postgresql) or pass --database-url"
     )]
     NotFound,
     #[error("cannot prepare {path}: {source}")]

@@ -24,7 +24,6 @@ const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..')
 const NUDGE_BIN = process.env.NUDGE_BIN || path.join(ROOT, 'target/debug/nudge');
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const SCREENSHOT = path.join(ROOT, 'docs/demo.png');
-const SECRET = 'browser-test-secret-0123456789-abcdefghijklmnop'; // fixed, so tokens survive a restart
 const POST = '7'; // each run has a database of its own
 const LATENCY_LIMIT_MS = 1000;
 const RECONNECT_DEADLINE_MS = Number(process.env.RECONNECT_DEADLINE_MS || 45_000);
@@ -145,11 +144,11 @@ async function startPostgres() {
 /** Start `nudge demo` on the fixed port and wait until the page answers. Returns the ms it took. */
 async function startNudge() {
   const t0 = Date.now();
-  nudge = start('nudge', NUDGE_BIN, ['demo'], {
+  // The database on the command line: `nudge demo` ignores NUDGE_DATABASE_URL. Its secret is random on each
+  // start; the page's token provider fetches a fresh token on every reconnect.
+  nudge = start('nudge', NUDGE_BIN, ['demo', '--database-url', databaseUrl], {
     env: {
       ...process.env,
-      NUDGE_DATABASE_URL: databaseUrl,
-      NUDGE_JWT_SECRET: SECRET,
       NUDGE_LISTEN: `127.0.0.1:${port}`,
       RUST_LOG: process.env.RUST_LOG || 'info',
     },
