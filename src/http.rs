@@ -103,18 +103,28 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>, tls: Option<TlsAc
             let state = admitted.state.clone();
             let socket = limits::Tracked::new(stream, admitted);
             let clock = limits::HeaderClock::new(accepted_at, &limits, state.clone());
-            match tls {
-                None => serve_http(socket, clock, &limits, service, Peer { addr: peer, conn: state.clone() }).await,
-                // The handshake is part of the first request's header deadline.
-                Some(acceptor) => {
-                    match tokio::time::timeout_at(accepted_at + limits.header_timeout, acceptor.accept(socket)).await {
-                        Ok(Ok(stream)) => {
-                            serve_http(stream, clock, &limits, service, Peer { addr: peer, conn: state.clone() }).await
+            let serve = async {
+                match tls {
+                    None => serve_http(socket, clock, &limits, service, Peer { addr: peer, conn: state.clone() }).await,
+                    // The handshake is part of the first request's header deadline.
+                    Some(acceptor) => {
+                        match tokio::time::timeout_at(accepted_at + limits.header_timeout, acceptor.accept(socket))
+                            .await
+                        {
+                            Ok(Ok(stream)) => {
+                                serve_http(stream, clock, &limits, service, Peer { addr: peer, conn: state.clone() })
+                                    .await
+                            }
+                            Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                         }
-                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 }
+            };
+            // A newer connection took this one's place under the pending cap (limits.rs): drop it, unanswered.
+            tokio::select! {
+                _ = serve => {}
+                _ = state.evicted.notified() => tracing::debug!(%peer, "closed: the oldest of the pending connections"),
             }
             // Upgraded (the socket now belongs to its WebSocket task) or closed: no longer pending.
             state.not_pending();

@@ -221,27 +221,31 @@ async fn idle_and_half_sent_sockets_are_closed_by_the_header_timeout_while_a_rea
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn connections_over_the_pending_cap_are_closed_at_once_while_the_pending_ones_wait() {
+async fn a_full_pending_cap_closes_the_oldest_pending_connection_so_real_clients_still_get_in() {
     let db = TestDb::new().await;
     let nudge = Nudge::start(&db.url, &[("NUDGE_MAX_PENDING_CONNECTIONS", "4"), ("NUDGE_HEADER_TIMEOUT", "30s")]).await;
 
-    // Three idle sockets and a WebSocket: the WebSocket stops counting once upgraded.
+    // A WebSocket stops counting once upgraded; four idle sockets then fill the cap, oldest first.
     let mut alice = authed(&nudge, "alice", &["post:*"]).await;
-    let mut held = vec![connect(nudge.port).await, connect(nudge.port).await, connect(nudge.port).await];
-    assert!(served(nudge.port).await, "a fourth connection still fits");
-    // The fourth place taken too: the next connection is closed at once, the held ones keep waiting.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(connect(nudge.port).await);
+    }
+    // A fifth connection is served: the oldest idle socket gave it its place, the others keep waiting.
+    assert!(served(nudge.port).await, "a connection over the cap is served");
+    assert_closed_at_once(held.remove(0), "the oldest pending connection").await;
+    assert_still_open(&mut held, "the newer pending connections").await;
+    // Full again (the served connection closed); a real client upgrades too, at the cost of the next oldest.
     held.push(connect(nudge.port).await);
-    assert_closed_at_once(connect(nudge.port).await, "a fifth pending connection").await;
-    assert!(Ws::connect(&nudge.ws_url()).await.is_err(), "an upgrade over the cap fails: the socket is closed");
-    assert_still_open(&mut held, "a connection within the cap").await;
+    let mut bob = authed(&nudge, "bob", &["post:*"]).await;
+    assert_closed_at_once(held.remove(0), "the next oldest pending connection").await;
+    assert_still_open(&mut held, "the newer pending connections").await;
     alice.ping().await;
+    bob.ping().await;
 
-    // One of them goes away: its place is free again.
-    held.pop();
-    eventually!(SOON, "a place under the cap again", served(nudge.port).await);
     let (status, metrics) = http_get(nudge.port, "/metrics").await;
     assert_eq!(status, 200);
-    assert!(parse_metric(&metrics, "nudge_http_refused_total").unwrap_or(0.0) >= 2.0, "{metrics}");
+    assert!(parse_metric(&metrics, "nudge_http_refused_total{cap=\"pending\"}").unwrap_or(0.0) >= 2.0, "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

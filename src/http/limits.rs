@@ -2,7 +2,11 @@
 //! per-address cap), and the deadlines on request headers and on idle keep-alive connections.
 //!
 //! Admission is decided right after `accept`, before a task is spawned or a byte is read, so a refused
-//! connection costs one accept and one close. The deadlines are enforced by hyper itself: its HTTP/1 server
+//! connection costs one accept and one close. A full pending cap does not turn the newcomer away: it closes the
+//! *oldest* connection still speaking HTTP. A real client upgrades within milliseconds of connecting, so to push
+//! it out an attacker would have to open `NUDGE_MAX_PENDING_CONNECTIONS` sockets within those milliseconds;
+//! refusing the newcomer instead let a few thousand idle sockets lock every real client out until the header
+//! timeout. The deadlines are enforced by hyper itself: its HTTP/1 server
 //! runs its header-read timer from the moment it starts waiting for a request head (at once for the first
 //! request; right after the previous response for the next one on a kept-alive connection) until the head is
 //! parsed. [`HeaderClock`] is the timer nudge gives it, one per connection, and it decides which deadline that
@@ -13,18 +17,18 @@
 //! - a later request on a kept-alive connection: `keep_alive_timeout` from the previous response while no
 //!   byte arrives, then `header_timeout` from the first byte of the next request.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::HttpLimits;
@@ -36,6 +40,10 @@ pub(super) struct Admission {
     pending: Arc<Semaphore>,
     max_pending: usize,
     per_ip: Option<Arc<PerIp>>,
+    /// Connections admitted, oldest first, while they may still be pending: who is closed when the cap is full.
+    /// Entries of connections that upgraded or closed are dropped as they are met, and pruned when the queue
+    /// grows past twice the cap.
+    admitted: Mutex<VecDeque<Weak<ConnState>>>,
     refused_pending: AtomicU64,
     refused_per_ip: AtomicU64,
 }
@@ -60,6 +68,7 @@ impl Admission {
             pending: Arc::new(Semaphore::new(limits.max_pending)),
             max_pending: limits.max_pending,
             per_ip: limits.max_per_ip.map(|max| Arc::new(PerIp { max, counts: Mutex::default() })),
+            admitted: Mutex::default(),
             refused_pending: AtomicU64::new(0),
             refused_per_ip: AtomicU64::new(0),
         }
@@ -82,13 +91,27 @@ impl Admission {
             Some(per_ip) => Some(per_ip.enter(ip).ok_or(Refused::PerIp)?),
             None => None,
         };
-        self.pending.try_acquire().map_err(|_| Refused::Pending)?.forget();
-        let state = ConnState {
+        let mut admitted = self.admitted.lock().unwrap_or_else(PoisonError::into_inner);
+        while self.pending.try_acquire().map(|permit| permit.forget()).is_err() {
+            // Full: close the oldest connection still pending; its place is ours.
+            let oldest = admitted.pop_front().ok_or(Refused::Pending)?;
+            if let Some(victim) = oldest.upgrade() {
+                if victim.evict() {
+                    self.refused_pending.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let state = Arc::new(ConnState {
             bytes_read: AtomicU64::new(0),
             pending: self.pending.clone(),
             is_pending: AtomicBool::new(true),
-        };
-        Ok(Admitted { state: Arc::new(state), ip })
+            evicted: Notify::new(),
+        });
+        if admitted.len() >= self.max_pending.saturating_mul(2) {
+            admitted.retain(|conn| conn.upgrade().is_some_and(|conn| conn.is_pending.load(Ordering::Acquire)));
+        }
+        admitted.push_back(Arc::downgrade(&state));
+        Ok(Admitted { state, ip })
     }
 
     /// Connections accepted and not yet upgraded or closed.
@@ -158,6 +181,8 @@ pub(super) struct ConnState {
     bytes_read: AtomicU64,
     pending: Arc<Semaphore>,
     is_pending: AtomicBool,
+    /// Told when a newer connection took this one's place under the pending cap: its task closes it.
+    pub evicted: Notify,
 }
 
 impl ConnState {
@@ -166,6 +191,17 @@ impl ConnState {
         if self.is_pending.swap(false, Ordering::AcqRel) {
             self.pending.add_permits(1);
         }
+    }
+
+    /// Give this connection's place to a newer one and tell its task to close it; false if it was no longer
+    /// pending (upgraded or closing: nothing to take).
+    fn evict(&self) -> bool {
+        if !self.is_pending.swap(false, Ordering::AcqRel) {
+            return false;
+        }
+        self.pending.add_permits(1);
+        self.evicted.notify_one();
+        true
     }
 }
 
