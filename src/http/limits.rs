@@ -383,14 +383,33 @@ mod tests {
         let ip: IpAddr = [10, 0, 0, 1].into();
         let a = admission.admit(ip).map_err(|_| ()).expect("first");
         let b = admission.admit(ip).map_err(|_| ()).expect("second");
-        assert_eq!(admission.admit(ip).err(), Some(Refused::Pending));
-        assert_eq!((admission.pending(), admission.refused()), (2, (1, 0)));
-        a.state.not_pending();
-        a.state.not_pending();
+        b.state.not_pending();
+        b.state.not_pending();
         assert_eq!(admission.pending(), 1, "given back once");
-        drop(a);
         drop(b);
+        assert_eq!(admission.pending(), 1, "and not again when dropped");
+        drop(a);
         assert_eq!(admission.pending(), 0, "dropping gives it back too");
+    }
+
+    #[tokio::test]
+    async fn a_full_cap_evicts_the_oldest_connection_still_pending() {
+        let admission = Admission::new(&limits(None));
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        let a = admission.admit(ip).map_err(|_| ()).expect("first");
+        let b = admission.admit(ip).map_err(|_| ()).expect("second");
+        let c = admission.admit(ip).map_err(|_| ()).expect("third takes the oldest's place");
+        assert_eq!((admission.pending(), admission.refused()), (2, (1, 0)));
+        // The oldest is told to close, and giving its place back again is a no-op.
+        tokio::time::timeout(Duration::from_secs(1), a.state.evicted.notified()).await.expect("a evicted");
+        a.state.not_pending();
+        assert_eq!(admission.pending(), 2);
+        // An upgraded connection is never evicted: the next one goes past it to the oldest still pending.
+        b.state.not_pending();
+        let _d = admission.admit(ip).map_err(|_| ()).expect("fits: b no longer pending");
+        let _e = admission.admit(ip).map_err(|_| ()).expect("evicts c, not b");
+        tokio::time::timeout(Duration::from_secs(1), c.state.evicted.notified()).await.expect("c evicted");
+        assert_eq!(admission.refused(), (2, 0));
     }
 
     #[test]
