@@ -116,9 +116,9 @@ fn routes(server: Arc<Server>, extra: Option<ExtraRoutes>) -> BoxedFilter<(Respo
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::ext::optional::<OnUpgrade>())
         .and(warp::ext::optional::<Peer>())
-        .map(|server: Arc<Server>, headers: HeaderMap, query: String, on_upgrade, peer: Option<Peer>| {
+        .then(|server: Arc<Server>, headers: HeaderMap, query: String, on_upgrade, peer: Option<Peer>| async move {
             let peer = peer.map(|p| p.0).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-            upgrade(&server, &headers, &query, on_upgrade, peer)
+            upgrade(&server, &headers, &query, on_upgrade, peer).await
         });
     let healthz = warp::path!("healthz").and(warp::get()).map(|| "ok\n".into_response());
     let readyz =
@@ -178,7 +178,7 @@ async fn ready(server: &Server) -> Result<(), String> {
 }
 
 /// Validate an upgrade request and, if it passes, answer 101 and hand the socket to a connection task.
-fn upgrade(
+async fn upgrade(
     server: &Arc<Server>,
     headers: &HeaderMap,
     query: &str,
@@ -215,7 +215,8 @@ fn upgrade(
 
     let identity: Option<Identity> = match token_from(headers, query) {
         None => None,
-        Some(token) => match server.shared.authenticator.verify(&token) {
+        // With a JWKS, a token naming a key nudge does not have yet waits (bounded) for the set to be fetched again.
+        Some(token) => match server.shared.authenticator.verify_waiting(&token).await {
             Ok(identity) => Some(identity),
             Err(e) => {
                 let mut response = plain(StatusCode::UNAUTHORIZED, format!("{e}\n"));
