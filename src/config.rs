@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::auth::{Authenticator, JwtAlgorithm, JwtKey, JwtSettings};
+use crate::auth::{Authenticator, JwtAlgorithm, JwtKey, JwtSettings, KeyError, TopicsClaim};
+use crate::jwks::{Jwks, JwksSettings};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -85,13 +86,32 @@ pub struct Options {
     #[arg(long, env = "NUDGE_JWT_SECRET", global = true, hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
-    /// Path to a PEM public key (RS256, ES256, EdDSA).
+    /// Path to a PEM public key (RS256, ES256, EdDSA...).
     #[arg(long, env = "NUDGE_JWT_PUBLIC_KEY", global = true)]
     pub jwt_public_key: Option<PathBuf>,
 
-    /// Token algorithm; tokens signed with any other are refused.
-    #[arg(long, env = "NUDGE_JWT_ALGORITHM", default_value = "HS256", global = true)]
-    pub jwt_algorithm: JwtAlgorithm,
+    /// URL of the issuer's published signing keys (JWKS; https, or http to a loopback host): tokens are verified
+    /// with the key their `kid` names. Excludes --jwt-secret and --jwt-public-key.
+    #[arg(long, env = "NUDGE_JWKS_URL", global = true)]
+    pub jwks_url: Option<String>,
+
+    /// How often the JWKS is fetched again (failed fetches are retried sooner, with backoff).
+    #[arg(long, env = "NUDGE_JWKS_REFRESH", default_value = "10m", value_parser = duration, global = true)]
+    pub jwks_refresh: Duration,
+
+    /// Least time between two JWKS fetches caused by tokens naming an unknown key id.
+    #[arg(long, env = "NUDGE_JWKS_MIN_INTERVAL", default_value = "30s", value_parser = duration, global = true)]
+    pub jwks_min_interval: Duration,
+
+    /// Token algorithm; tokens signed with any other are refused [default: HS256; with --jwks-url, any the keys
+    /// allow].
+    #[arg(long, env = "NUDGE_JWT_ALGORITHM", global = true)]
+    pub jwt_algorithm: Option<JwtAlgorithm>,
+
+    /// The claim holding the topic patterns: a top-level claim of exactly this name, else a dot path into nested
+    /// objects (app_metadata.topics).
+    #[arg(long, env = "NUDGE_JWT_TOPICS_CLAIM", default_value = "topics", global = true)]
+    pub jwt_topics_claim: String,
 
     /// Required `aud` claim.
     #[arg(long, env = "NUDGE_JWT_AUDIENCE", global = true)]
@@ -336,19 +356,42 @@ impl Options {
         database: tokio_postgres::Config,
         jwt_secret: Option<String>,
     ) -> Result<ServeConfig, ConfigError> {
-        let key = match (&jwt_secret, &self.jwt_public_key) {
-            (Some(secret), None) => JwtKey::Secret(secret.clone()),
-            (None, Some(path)) => JwtKey::PublicKeyPem(path.clone()),
-            (None, None) => return Err(crate::auth::KeyError::Missing.into()),
-            (Some(_), Some(_)) => return Err(crate::auth::KeyError::Both.into()),
+        let key = match (&jwt_secret, &self.jwt_public_key, &self.jwks_url) {
+            (Some(_), _, Some(_)) => return Err(KeyError::JwksAnd("NUDGE_JWT_SECRET").into()),
+            (_, Some(_), Some(_)) => return Err(KeyError::JwksAnd("NUDGE_JWT_PUBLIC_KEY").into()),
+            (Some(secret), None, None) => JwtKey::Secret(secret.clone()),
+            (None, Some(path), None) => JwtKey::PublicKeyPem(path.clone()),
+            (None, None, Some(url)) => {
+                for (name, value) in
+                    [("jwks-refresh", self.jwks_refresh), ("jwks-min-interval", self.jwks_min_interval)]
+                {
+                    if value.is_zero() {
+                        return Err(ConfigError::Zero(name));
+                    }
+                }
+                if self.jwt_algorithm == Some(JwtAlgorithm::Hs256) {
+                    return Err(KeyError::HmacFromJwks.into());
+                }
+                let jwks = Jwks::new(JwksSettings {
+                    url: url.clone(),
+                    refresh: self.jwks_refresh,
+                    min_interval: self.jwks_min_interval,
+                    only: self.jwt_algorithm.map(JwtAlgorithm::jsonwebtoken),
+                })
+                .map_err(KeyError::from)?;
+                JwtKey::Jwks { jwks, only: self.jwt_algorithm }
+            }
+            (None, None, None) => return Err(KeyError::Missing.into()),
+            (Some(_), Some(_), None) => return Err(KeyError::Both.into()),
         };
         let authenticator = Authenticator::new(JwtSettings {
-            algorithm: self.jwt_algorithm,
+            algorithm: self.jwt_algorithm.unwrap_or(JwtAlgorithm::Hs256),
             key,
             audience: self.jwt_audience.clone(),
             issuer: self.jwt_issuer.clone(),
             leeway: self.jwt_leeway,
-        })?;
+        })?
+        .with_topics_claim(TopicsClaim::new(&self.jwt_topics_claim)?);
         for (name, value) in [
             ("auth-timeout", self.auth_timeout),
             ("poll-interval", self.poll_interval),

@@ -277,7 +277,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let reference = reference.as_ref();
         let Some(session) = &mut self.session else {
             return match request {
-                Request::Auth { token } => match self.shared.authenticator.verify(&token) {
+                Request::Auth { token } => match self.shared.authenticator.verify_waiting(&token).await {
                     Ok(identity) => {
                         deadline.as_mut().reset(instant_of(identity.valid_until));
                         written(self.authenticate(identity, reference).await)
@@ -329,7 +329,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             // Boxed: the replay query makes this the largest state of the connection future, and it is rare.
             Request::Resume { since } => Box::pin(self.resume(since, reference)).await,
             Request::Refresh { token } => {
-                let identity = match self.shared.authenticator.verify(&token) {
+                let identity = match self.shared.authenticator.verify_waiting(&token).await {
                     Ok(identity) if identity.user == session.identity.user => identity,
                     Ok(_) => {
                         let message = crate::auth::AuthError::OtherUser.to_string();

@@ -2,7 +2,7 @@
 //!
 //! Readiness is four facts kept by the tasks that know them: the schema is current (startup), the LISTEN
 //! connection is up (`db::listen`), no long-running task is down (`node::supervise`), and the pool answers
-//! (checked live by `/readyz`).
+//! (checked live by `/readyz`); with `NUDGE_JWKS_URL`, a fifth: the issuer's keys were fetched once (`jwks.rs`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -17,6 +17,8 @@ pub struct Readiness {
     last_error: Mutex<Option<String>>,
     /// Long-running tasks that ended or panicked and wait for their restart, with why.
     tasks_down: Mutex<BTreeMap<&'static str, String>>,
+    /// Set while tokens cannot be verified because the issuer's key set was never fetched (`jwks.rs`).
+    jwks_missing: Mutex<Option<String>>,
 }
 
 impl Readiness {
@@ -46,7 +48,13 @@ impl Readiness {
         self.tasks_down.lock().unwrap_or_else(|e| e.into_inner()).remove(task);
     }
 
-    /// `Ok` when the schema is current, LISTEN is up and every task runs; otherwise why not.
+    /// `Some(why)` until the JWKS has been fetched once; cached keys keep serving when later fetches fail.
+    pub fn set_jwks(&self, missing: Option<String>) {
+        *self.jwks_missing.lock().unwrap_or_else(|e| e.into_inner()) = missing;
+    }
+
+    /// `Ok` when the schema is current, LISTEN is up, every task runs and (with `NUDGE_JWKS_URL`) the issuer's
+    /// keys were fetched; otherwise why not.
     pub fn check(&self) -> Result<(), String> {
         if let Some((task, reason)) = self.tasks_down.lock().unwrap_or_else(|e| e.into_inner()).iter().next() {
             return Err(format!("{task} task restarting after it {reason}"));
@@ -58,6 +66,9 @@ impl Readiness {
         }
         if !self.listen_up.load(Ordering::SeqCst) {
             return Err(format!("LISTEN connection is down{detail}"));
+        }
+        if let Some(missing) = self.jwks_missing.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Err(missing);
         }
         Ok(())
     }

@@ -203,8 +203,8 @@ fn routes(
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::ext::optional::<OnUpgrade>())
         .and(warp::ext::optional::<Peer>())
-        .map(|server: Arc<Server>, headers: HeaderMap, query: String, on_upgrade, peer: Option<Peer>| {
-            upgrade(&server, &headers, &query, on_upgrade, peer)
+        .then(|server: Arc<Server>, headers: HeaderMap, query: String, on_upgrade, peer: Option<Peer>| async move {
+            upgrade(&server, &headers, &query, on_upgrade, peer).await
         });
     let healthz = warp::path!("healthz").and(warp::get()).map(|| "ok\n".into_response());
     let readyz =
@@ -265,7 +265,7 @@ async fn ready(server: &Server) -> Result<(), String> {
 }
 
 /// Validate an upgrade request and, if it passes, answer 101 and hand the socket to a connection task.
-fn upgrade(
+async fn upgrade(
     server: &Arc<Server>,
     headers: &HeaderMap,
     query: &str,
@@ -310,7 +310,8 @@ fn upgrade(
     let identity: Option<Identity> = match credentials(headers, query) {
         Credentials::None => None,
         Credentials::Malformed => return unauthorized("the Authorization header carries no Bearer token\n".into()),
-        Credentials::Token(token) => match server.shared.authenticator.verify(&token) {
+        // With a JWKS, a token naming a key nudge does not have yet waits (bounded) for the set to be fetched again.
+        Credentials::Token(token) => match server.shared.authenticator.verify_waiting(&token).await {
             Ok(identity) => Some(identity),
             Err(e) => return unauthorized(format!("{e}\n")),
         },

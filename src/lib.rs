@@ -15,6 +15,7 @@ pub mod demo;
 pub mod health;
 pub mod http;
 pub mod hub;
+pub mod jwks;
 pub mod node;
 pub mod outbox;
 pub mod protocol;

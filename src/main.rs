@@ -128,7 +128,7 @@ async fn status(options: &Options) -> Result<(), Failure> {
 }
 
 fn token(options: &Options, args: &TokenArgs) -> Result<(), Failure> {
-    if options.jwt_algorithm != nudge::auth::JwtAlgorithm::Hs256 {
+    if options.jwt_algorithm.is_some_and(|a| a != nudge::auth::JwtAlgorithm::Hs256) {
         return Err(Failure::Config(
             "nudge token signs HS256 only; with RS256/ES256/EdDSA your backend signs with its private key".into(),
         ));
@@ -140,6 +140,7 @@ fn token(options: &Options, args: &TokenArgs) -> Result<(), Failure> {
                 .into(),
         ));
     };
+    let claim = auth::TopicsClaim::new(&options.jwt_topics_claim).map_err(|e| Failure::Config(e.to_string()))?;
     let request = auth::TokenRequest {
         sub: &args.sub,
         topics: &args.topics,
@@ -147,7 +148,8 @@ fn token(options: &Options, args: &TokenArgs) -> Result<(), Failure> {
         audience: options.jwt_audience.as_deref(),
         issuer: options.jwt_issuer.as_deref(),
     };
-    let token = auth::issue_token(secret, &request).map_err(|e| Failure::Runtime(format!("cannot sign: {e}")))?;
+    let token =
+        auth::issue_token_with(secret, &request, &claim).map_err(|e| Failure::Runtime(format!("cannot sign: {e}")))?;
     println!("{token}");
     Ok(())
 }

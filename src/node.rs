@@ -81,6 +81,15 @@ pub async fn run(
     let deliveries = Arc::new(DeliveryWakeups::default());
     let metrics = Arc::new(Metrics::default());
     let readiness = Arc::new(Readiness::default());
+    // The issuer's keys, when tokens are verified with a JWKS: the first fetch starts now, before HTTP answers;
+    // `/readyz` says 503 until it succeeds.
+    if let Some(jwks) = authenticator.jwks().cloned() {
+        jwks.tell(&readiness);
+        let (readiness, observer) = (readiness.clone(), shutdown.clone());
+        tokio::spawn(supervise("JWKS", readiness.clone(), metrics.clone(), shutdown.clone(), move || {
+            jwks.clone().run(readiness.clone(), observer.clone())
+        }));
+    }
     let shared = Arc::new(Shared {
         hub: hub.clone(),
         wakeups: claims.clone(),

@@ -275,6 +275,42 @@ async fn eddsa_public_key_accepts_eddsa_tokens_and_refuses_others() {
     public_key_algorithm_accepts_its_tokens_only(Algorithm::EdDSA).await;
 }
 
+/// The RSA family beyond RS256 with a PEM key: NUDGE_JWT_ALGORITHM=PS256 accepts PS256 tokens of that key only.
+#[tokio::test(flavor = "multi_thread")]
+async fn ps256_public_key_accepts_ps256_tokens_and_refuses_rs256_ones_of_the_same_key() {
+    let key = KeyPair::generate(Algorithm::RS256);
+    let (_db, nudge) = start(&[
+        ("NUDGE_JWT_ALGORITHM", "PS256"),
+        ("NUDGE_JWT_PUBLIC_KEY", key.public_path_str()),
+        ("NUDGE_JWT_SECRET", ""),
+    ])
+    .await;
+    let sign =
+        |alg| jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), &Claims::new("alice").0, &key.encoding_key());
+    assert_accepted(&nudge, &sign(Algorithm::PS256).unwrap(), "alice").await;
+    assert_refused(&nudge, &sign(Algorithm::RS256).unwrap()).await;
+    assert_refused(&nudge, &sign(Algorithm::PS384).unwrap()).await;
+}
+
+/// NUDGE_JWT_TOPICS_CLAIM with a shared secret: a nested path, its value a space-separated string; the `topics`
+/// claim then means nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_topics_claim_option_reads_a_nested_claim() {
+    let (_db, nudge) = start(&[("NUDGE_JWT_TOPICS_CLAIM", "app_metadata.topics")]).await;
+    let token = Claims::new("alice")
+        .set("app_metadata", json!({"plan": "pro", "topics": "post:* chat:7"}))
+        .topics(&["*"])
+        .hs256();
+    let mut ws = authed_with(&nudge, &token).await;
+    ws.subscribe("post:1").await;
+    ws.subscribe("chat:7").await;
+    ws.send_json(json!({"type": "subscribe", "topic": "other:1"})).await;
+    ws.expect_error("forbidden").await;
+    // A value that is neither an array of strings nor a string refuses the token.
+    let bad = Claims::new("alice").set("app_metadata", json!({"topics": 42})).hs256();
+    assert_refused(&nudge, &bad).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn topic_prefix_pattern_allows_only_that_prefix() {
     let (_db, nudge) = start(&[]).await;

@@ -266,7 +266,8 @@ fn expected(t: &ClaimTexts, configured: bool) -> Result<(u64, u64), Vec<AuthErro
     }
     if let Some(topics) = &t.topics {
         match claim(topics) {
-            Claim::Other(Value::Null) => {}
+            // A string holds patterns separated by whitespace (OAuth's `scope` style).
+            Claim::Other(Value::Null | Value::String(_)) => {}
             Claim::Other(Value::Array(items)) if items.iter().all(Value::is_string) => {}
             _ => return malformed(),
         }
@@ -448,8 +449,12 @@ proptest! {
                 prop_assert_eq!(identity.valid_until, UNIX_EPOCH + Duration::from_secs(valid_until), "{}", payload);
                 let sub: String = serde_json::from_str(claims.sub.as_deref().unwrap_or_default()).unwrap();
                 prop_assert_eq!(&*identity.user, sub.as_str());
-                let topics: Option<Vec<String>> = claims.topics.as_deref().map(|t| serde_json::from_str(t).unwrap());
-                for topic in topics.unwrap_or_default() {
+                let topics: Vec<String> = match claims.topics.as_deref().map(|t| serde_json::from_str(t).unwrap()) {
+                    Some(Value::String(words)) => words.split_whitespace().map(str::to_owned).collect(),
+                    Some(Value::Array(items)) => items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect(),
+                    _ => Vec::new(),
+                };
+                for topic in topics {
                     prop_assert!(identity.topics.allows(&topic), "{} does not allow {}", payload, topic);
                 }
             }

@@ -64,9 +64,12 @@ fn restrict(options: &mut Options, command_line: CommandLine) {
     }
     options.jwt_secret = None;
     options.jwt_public_key = None;
-    options.jwt_algorithm = JwtAlgorithm::Hs256;
+    options.jwt_algorithm = Some(JwtAlgorithm::Hs256);
     options.jwt_audience = None;
     options.jwt_issuer = None;
+    options.jwks_url = None;
+    // The demo's own tokens carry `topics` at the top level.
+    options.jwt_topics_claim = "topics".into();
 }
 
 pub async fn run(mut options: Options, command_line: CommandLine) -> Result<(), DemoError> {
@@ -173,7 +176,8 @@ mod tests {
         assert_eq!(options.database_url, None);
         assert_eq!(options.listen_database_url, None);
         assert_eq!((options.jwt_secret, options.jwt_audience, options.jwt_issuer), (None, None, None));
-        assert_eq!(options.jwt_algorithm, JwtAlgorithm::Hs256);
+        assert_eq!(options.jwt_algorithm, Some(JwtAlgorithm::Hs256));
+        assert_eq!((options.jwks_url, options.jwt_topics_claim.as_str()), (None, "topics"));
 
         let (mut options, given) =
             parse(&["nudge", "demo", "--listen", "0.0.0.0:9000", "--database-url", "postgres://h/d"]);
