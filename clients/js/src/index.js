@@ -1,28 +1,28 @@
 // @nudge/client: browser and Node client for nudge, protocol v1.
-// Zero dependencies. See ../README.md for the API and ../index.d.ts for the types.
+// Zero dependencies, one self-contained ES module (nudge's demo page serves this very file). See ../README.md
+// for the API and ../index.d.ts for the types.
 
-/** Codes the server sends in `{"type":"error"}` frames. */
-const SERVER_CODES = new Set(['bad_request', 'unauthorized', 'forbidden', 'token_expired', 'too_large', 'rate_limited']);
+/** Codes nudge sends in `{"type":"error"}` frames today. Any other code in such a frame is passed through. */
+const SERVER_CODES = new Set(['bad_request', 'unauthorized', 'forbidden', 'token_expired', 'too_large', 'rate_limited', 'revoked']);
+/** Error codes after which nudge closes the connection: their 'error' event waits for the close, to carry its code. */
+const CLOSING_CODES = new Set(['unauthorized', 'token_expired', 'too_large', 'revoked']);
 
 /** An error from the server (`code` is the server's error code) or from the client itself. */
 export class NudgeError extends Error {
   /**
    * @param {string} code
    * @param {string} message
-   * @param {{ref?: number, topic?: string, closeCode?: number, cause?: unknown}} [details]
+   * @param {{ref?: number, topic?: string, closeCode?: number, cause?: unknown, fromServer?: boolean}} [details]
    */
   constructor(code, message, details = {}) {
     super(message, details.cause === undefined ? undefined : { cause: details.cause });
     this.name = 'NudgeError';
     this.code = code;
+    /** True when nudge sent this code in an error frame (whatever the code, known or not); false for the client's own. */
+    this.fromServer = details.fromServer ?? SERVER_CODES.has(code);
     if (details.ref !== undefined) this.ref = details.ref;
     if (details.topic !== undefined) this.topic = details.topic;
     if (details.closeCode !== undefined) this.closeCode = details.closeCode;
-  }
-
-  /** True for the codes nudge itself sends; false for client-side codes (closed, disconnected, timeout, ...). */
-  get fromServer() {
-    return SERVER_CODES.has(this.code);
   }
 }
 
@@ -32,13 +32,19 @@ const DEFAULTS = {
   pongTimeoutMs: 10_000,
   connectTimeoutMs: 15_000,
   requestTimeoutMs: 15_000,
-  backoff: { initialMs: 500, maxMs: 30_000 },
+  backoff: { initialMs: 500, maxMs: 30_000, stableMs: 10_000, goingAwayMs: 5_000 },
+  connectivity: { online: true, visibility: true, hiddenMs: 60_000, checkTimeoutMs: 5_000 },
   autoConnect: true,
   resume: true,
+  cacheToken: true,
 };
 
-/** Close code the client uses when it gives up on a connection itself (pong/connect timeout). */
+/** Close code the client uses when it gives up on a connection itself (pong/connect/check timeout). */
 const CLOSE_CLIENT_TIMEOUT = 4000;
+/** A cached token is reused only while it has at least this long left (and `refreshBeforeSeconds`). */
+const MIN_TOKEN_MARGIN_MS = 5_000;
+/** How long an error frame that announces a close waits for that close before it is emitted anyway. */
+const CLOSE_ERROR_WAIT_MS = 1_000;
 /** setTimeout's maximum delay. */
 const MAX_TIMER = 2 ** 31 - 1;
 const OPEN = 1;
@@ -47,9 +53,36 @@ function later(fn, ms) {
   return setTimeout(fn, Math.min(Math.max(0, ms), MAX_TIMER));
 }
 
+/**
+ * The `exp` claim of a JWT (seconds since 1970), read from its payload WITHOUT verifying anything: only to know
+ * how long a token may be reused. Null when the token is not a JWT or has no numeric `exp`.
+ */
+function tokenExpiry(token) {
+  if (typeof token !== 'string') return null;
+  const part = token.split('.')[1];
+  if (!part || typeof atob !== 'function') return null;
+  try {
+    const base64 = part.replace(/-/g, '+').replace(/_/g, '/');
+    const payload = JSON.parse(atob(base64 + '='.repeat((4 - (base64.length % 4)) % 4)));
+    return typeof payload?.exp === 'number' && Number.isFinite(payload.exp) ? payload.exp : null;
+  } catch {
+    return null;
+  }
+}
+
+/** The browser's window/document/navigator, when there are any (never in Node, SSR or workers without them). */
+function environment() {
+  const g = globalThis;
+  const win = typeof g.window === 'object' && g.window !== null && typeof g.window.addEventListener === 'function' ? g.window : null;
+  const doc =
+    typeof g.document === 'object' && g.document !== null && typeof g.document.addEventListener === 'function' ? g.document : null;
+  const nav = typeof g.navigator === 'object' && g.navigator !== null ? g.navigator : null;
+  return { window: win, document: doc, navigator: nav };
+}
+
 export class NudgeClient {
   /**
-   * @param {string} url  the `/ws` endpoint, e.g. `wss://example.com/ws`
+   * @param {string | URL} url  the `/ws` endpoint, e.g. `wss://example.com/ws`
    * @param {import('../index.js').NudgeClientOptions} options
    */
   constructor(url, options = {}) {
@@ -58,15 +91,20 @@ export class NudgeClient {
     if (typeof token !== 'string' && typeof token !== 'function') {
       throw new TypeError('NudgeClient: options.token must be a string or a function returning a token');
     }
-    const WS = options.WebSocket ?? globalThis.WebSocket;
-    if (typeof WS !== 'function') {
-      throw new TypeError(
-        'NudgeClient: no WebSocket available; pass options.WebSocket (Node < 22: run with --experimental-websocket or pass the `ws` package)',
-      );
+    const since = options.since ?? null;
+    if (since !== null && !(Number.isSafeInteger(since) && since >= 0)) {
+      throw new TypeError('NudgeClient: options.since must be a non-negative integer (a seq), null or undefined');
+    }
+    if (options.shouldReconnect !== undefined && typeof options.shouldReconnect !== 'function') {
+      throw new TypeError('NudgeClient: options.shouldReconnect must be a function');
     }
     this._url = String(url);
-    this._WebSocket = WS;
+    this._WebSocketOption = options.WebSocket;
     this._token = token;
+    const connectivity =
+      options.connectivity === false
+        ? { ...DEFAULTS.connectivity, online: false, visibility: false }
+        : { ...DEFAULTS.connectivity, ...(typeof options.connectivity === 'object' ? options.connectivity : {}) };
     this._opts = {
       refreshBeforeSeconds: options.refreshBeforeSeconds ?? DEFAULTS.refreshBeforeSeconds,
       pingIntervalMs: options.pingIntervalMs ?? DEFAULTS.pingIntervalMs,
@@ -74,10 +112,13 @@ export class NudgeClient {
       connectTimeoutMs: options.connectTimeoutMs ?? DEFAULTS.connectTimeoutMs,
       requestTimeoutMs: options.requestTimeoutMs ?? DEFAULTS.requestTimeoutMs,
       backoff: { ...DEFAULTS.backoff, ...(options.backoff ?? {}) },
+      connectivity,
       resume: options.resume ?? DEFAULTS.resume,
+      cacheToken: options.cacheToken ?? DEFAULTS.cacheToken,
+      shouldReconnect: options.shouldReconnect ?? null,
     };
 
-    /** @type {'idle'|'connecting'|'ready'|'waiting'|'closed'} */
+    /** @type {'idle'|'connecting'|'ready'|'waiting'|'offline'|'closed'} */
     this._state = 'idle';
     this._listeners = new Map(); // event name -> Set<handler>
     this._personal = new Set();
@@ -93,25 +134,38 @@ export class NudgeClient {
     this._authed = false;
     this._everReady = false;
     this._failures = 0; // consecutive failed attempts, drives the backoff
+    this._readyAt = null; // when the current connection became ready (Date.now()), null when it is not
     this._authRef = null;
     this._authError = null;
-    this._lastError = null; // the last server error frame without ref on this socket (e.g. token_expired)
+    this._closeHint = null; // the error frame received last on this socket, if nothing came after it
+    this._deferredError = null; // an error frame announcing a close: emitted when the close arrives
     this._wakeupWanted = false;
     this._readyWaiters = [];
     this._user = null;
     this._expiresAt = null;
-    this._timers = { connect: null, ping: null, pong: null, refresh: null, reconnect: null };
+    this._timers = { connect: null, ping: null, pong: null, refresh: null, reconnect: null, closeError: null };
     /** Highest `seq` delivered to the application (or covered by a `resumed` reply): where a resume starts. */
-    this._lastSeq = null;
-    /** Events held back on a reconnect until the `resumed` reply: replay and live stream are merged by seq. */
+    this._lastSeq = since;
+    /** `since` was given: the first connection resumes from it too. */
+    this._seeded = since !== null;
+    /** Events held back during a resume until the `resumed` reply: replay and live stream are merged by seq. */
     this._buffer = null;
+    /** {token, exp} of the last token a provider function returned, when it is a JWT with an `exp`. */
+    this._tokenCache = null;
+    this._socketToken = null; // the token the current socket authenticated with
+    this._socketTokenCached = false; // ... and whether it came from the cache
+    this._revokedToken = null; // after a 4003: the revoked token, which the provider must not return again
+    this._revokedRetry = false; // a 4003 was already answered with a new token and no connection has been stable since
+    this._loggedCodes = new Set(); // error codes written to the console (no 'error' listener): each once
+    this._env = null; // {window, document, navigator, handlers} while listening for connectivity
+    this._hiddenAt = null;
 
     if (options.autoConnect ?? DEFAULTS.autoConnect) this.connect();
   }
 
   // ---- public API -------------------------------------------------------------------------------------------
 
-  /** `'idle' | 'connecting' | 'ready' | 'waiting' | 'closed'` */
+  /** `'idle' | 'connecting' | 'ready' | 'waiting' | 'offline' | 'closed'` */
   get state() {
     return this._state;
   }
@@ -128,7 +182,8 @@ export class NudgeClient {
 
   /**
    * The highest event `seq` delivered to the application (or confirmed by a resume), or null before the first
-   * event: the position the next reconnect resumes from.
+   * event: the position the next reconnect resumes from. Store it (e.g. in sessionStorage) and pass it back as
+   * option `since` to resume after a page reload.
    */
   get lastSeq() {
     return this._lastSeq;
@@ -139,23 +194,50 @@ export class NudgeClient {
     return [...this._topics.keys()];
   }
 
-  /** Start connecting (only needed with `autoConnect: false`, or after `close()` to start over). */
+  /**
+   * Start connecting (only needed with `autoConnect: false`, or after `close()` to start over). While waiting to
+   * retry (state `waiting` or `offline`), try again now.
+   */
   connect() {
-    if (this._state === 'connecting' || this._state === 'ready' || this._state === 'waiting') return;
+    if (this._state === 'connecting' || this._state === 'ready') return;
+    if (this._state === 'waiting' || this._state === 'offline') {
+      this._clearTimer('reconnect');
+      this._open();
+      return;
+    }
+    if (typeof (this._WebSocketOption ?? globalThis.WebSocket) !== 'function') {
+      throw new TypeError(
+        'NudgeClient: no WebSocket available; pass options.WebSocket (Node < 22: run with --experimental-websocket or pass the `ws` package)',
+      );
+    }
     this._failures = 0;
+    this._revokedRetry = false;
+    this._listenToEnvironment();
     this._open();
   }
 
   /**
    * Resolves with `{user, expiresAt}` once the client is authenticated and its subscriptions are restored
-   * (immediately when it already is). Rejects with a NudgeError when the client is closed or gives up.
+   * (immediately when it already is). Rejects with a NudgeError when the client is closed or gives up, or with
+   * code `timeout` after `timeout` ms (the client keeps trying).
+   * @param {{timeout?: number}} [options]
    */
-  ready() {
+  ready({ timeout } = {}) {
     if (this._state === 'ready') return Promise.resolve({ user: this._user, expiresAt: this._expiresAt });
     if (this._state === 'closed') {
-      return Promise.reject(this._stopError ?? new NudgeError('closed', 'the client is closed'));
+      return Promise.reject(this._stopError ?? new NudgeError('closed', 'the client is closed', { fromServer: false }));
     }
-    return new Promise((resolve, reject) => this._readyWaiters.push({ resolve, reject }));
+    return new Promise((resolve, reject) => {
+      const waiter = { resolve, reject, timer: null };
+      if (timeout !== undefined && timeout !== null) {
+        if (!(typeof timeout === 'number' && timeout >= 0)) throw new TypeError('ready: timeout must be a number of ms');
+        waiter.timer = later(() => {
+          this._readyWaiters = this._readyWaiters.filter((w) => w !== waiter);
+          reject(new NudgeError('timeout', `not ready within ${timeout} ms (state: ${this._state})`, { fromServer: false }));
+        }, timeout);
+      }
+      this._readyWaiters.push(waiter);
+    });
   }
 
   /**
@@ -254,7 +336,7 @@ export class NudgeClient {
     };
   }
 
-  /** Listen to a client event ('ready', 'reconnected', 'disconnected', 'error', 'frame', ...). Returns an off function. */
+  /** Listen to a client event ('state', 'ready', 'reconnected', 'disconnected', 'error', ...). Returns an off function. */
   on(name, handler) {
     if (typeof handler !== 'function') throw new TypeError('on: handler must be a function');
     let set = this._listeners.get(name);
@@ -287,19 +369,25 @@ export class NudgeClient {
   }
 
   /**
-   * Close the connection for good: no reconnect. Pending requests reject with code 'closed'. Handlers and
-   * subscriptions are kept, so `connect()` can start over with them.
+   * Close the connection for good: no reconnect. Pending requests reject with code 'disconnected'. Handlers and
+   * subscriptions are kept, so `connect()` can start over with them; the cached token is forgotten (the next
+   * connect asks the provider, e.g. for another user).
    */
   close() {
+    this._tokenCache = null;
+    this._revokedToken = null;
     if (this._state === 'closed' || this._state === 'idle') {
-      this._state = 'closed';
+      this._setState('closed');
+      this._stopListeningToEnvironment();
       return;
     }
     const wasConnected = this._ws !== null;
     const wasReady = this._state === 'ready';
-    this._stopError = new NudgeError('closed', 'the client was closed');
-    this._teardown(1000, 'client closed');
-    this._state = 'closed';
+    this._stopError = new NudgeError('closed', 'the client was closed', { fromServer: false });
+    this._teardown({ closeWith: 1000, code: 1000, reason: 'client closed' });
+    this._readyAt = null;
+    this._setState('closed');
+    this._stopListeningToEnvironment();
     this._rejectReady(this._stopError);
     if (wasConnected) this._emit('disconnected', { code: 1000, reason: 'client closed', wasReady, willReconnect: false });
     this._emit('closed', { error: null });
@@ -307,43 +395,61 @@ export class NudgeClient {
 
   // ---- connection lifecycle ---------------------------------------------------------------------------------
 
+  _setState(state) {
+    const previous = this._state;
+    if (previous === state) return;
+    this._state = state;
+    this._emit('state', { state, previous });
+  }
+
   async _open() {
     const generation = ++this._generation;
-    this._state = 'connecting';
+    this._setState('connecting');
+    if (generation !== this._generation) return; // a 'state' listener closed the client
     this._stopError = null;
     this._clearTimer('reconnect');
     this._timers.connect = later(() => {
       if (generation !== this._generation) return;
-      this._lost(CLOSE_CLIENT_TIMEOUT, `not ready within ${this._opts.connectTimeoutMs} ms`, true);
+      this._lost(CLOSE_CLIENT_TIMEOUT, `not ready within ${this._opts.connectTimeoutMs} ms`, { abandon: true });
     }, this._opts.connectTimeoutMs);
 
     let token;
+    let cached;
     try {
-      token = await this._fetchToken();
+      ({ token, cached } = await this._getToken({ fresh: false }));
     } catch (cause) {
       if (generation !== this._generation) return;
-      this._emit('error', new NudgeError('token_provider', `the token provider failed: ${cause?.message ?? cause}`, { cause }));
-      this._lost(null, 'token provider failed', false);
+      this._emit('error', this._providerError(cause));
+      if (generation !== this._generation) return;
+      this._lost(null, 'token provider failed');
       return;
     }
     if (generation !== this._generation) return;
     if (token == null) {
-      this._stop(new NudgeError('unauthorized', 'the token provider returned no token; stopping'));
+      this._stop(new NudgeError('unauthorized', 'the token provider returned no token; stopping', { fromServer: false }));
+      return;
+    }
+    if (this._revokedToken !== null && token === this._revokedToken) {
+      // Asked once more after a 4003, the provider handed back the very token that was revoked.
+      this._stop(new NudgeError('revoked', 'the token was revoked and the token provider has no other', { fromServer: false, closeCode: 4003 }));
       return;
     }
 
     let ws;
     try {
-      ws = new this._WebSocket(this._url);
+      ws = new (this._WebSocketOption ?? globalThis.WebSocket)(this._url);
     } catch (cause) {
-      this._emit('error', new NudgeError('connect_failed', `cannot open ${this._url}: ${cause?.message ?? cause}`, { cause }));
-      this._lost(null, 'cannot open socket', false);
+      this._emit('error', new NudgeError('connect_failed', `cannot open ${this._url}: ${cause?.message ?? cause}`, { cause, fromServer: false }));
+      if (generation !== this._generation) return;
+      this._lost(null, 'cannot open socket');
       return;
     }
     this._ws = ws;
     this._authed = false;
     this._authError = null;
-    this._lastError = null;
+    this._closeHint = null;
+    this._socketToken = token;
+    this._socketTokenCached = cached;
     const handlers = {
       open: () => {
         if (generation !== this._generation) return;
@@ -373,84 +479,214 @@ export class NudgeClient {
     for (const [name, fn] of Object.entries(handlers)) ws.addEventListener(name, fn);
   }
 
-  async _fetchToken() {
-    return typeof this._token === 'function' ? await this._token() : this._token;
+  /**
+   * A token for a new connection (`fresh: false`: the cached one while it has time left) or for a refresh
+   * (`fresh: true`: always the provider's). Resolves with {token, cached}.
+   */
+  async _getToken({ fresh }) {
+    if (typeof this._token !== 'function') return { token: this._token, cached: false };
+    const entry = this._tokenCache;
+    if (!fresh && entry && this._opts.cacheToken) {
+      const margin = Math.max(this._opts.refreshBeforeSeconds * 1000, MIN_TOKEN_MARGIN_MS);
+      if (entry.exp * 1000 - Date.now() > margin) return { token: entry.token, cached: true };
+    }
+    const token = await this._token();
+    if (token != null && typeof token !== 'string') {
+      throw new TypeError(`the token provider returned a ${typeof token}, not a string (forgot \`await r.text()\`?)`);
+    }
+    const exp = tokenExpiry(token);
+    this._tokenCache = token != null && exp !== null ? { token, exp } : null;
+    return { token, cached: false };
   }
 
+  _providerError(cause) {
+    return new NudgeError('token_provider', `the token provider failed: ${cause?.message ?? cause}`, { cause, fromServer: false });
+  }
+
+  /** The socket closed (the server closed it, or the network lost it): decide whether to reconnect, and how. */
   _onSocketClose(code, reason) {
-    if (!this._authed && !this._authError && this._lastError?.code === 'too_large') {
-      // The auth frame itself was over the server's inbound limit (a token with very many topics): the same
-      // token would fail the same way, so this counts as a refused token.
-      this._authError = this._lastError;
-    }
-    if (this._authError) {
-      // The token was refused. A fixed string will be refused again: stop. A provider may return a better one
-      // later (the user signed in again): keep trying, with backoff that is not reset until a `ready`.
-      if (typeof this._token === 'string') {
-        this._stop(this._authError, code, reason);
-        return;
-      }
-      this._lost(code, reason || 'unauthorized', false);
+    const generation = this._generation;
+    this._noteConnectionEnd();
+    // The error frame that came right before the close explains it (for 1009 the server could not even read our
+    // frame to answer it, so a `too_large` error without ref is the explanation too).
+    const explanation = this._authError ?? this._closeHint;
+    if (explanation && explanation.closeCode === undefined) explanation.closeCode = code;
+    this._flushDeferredError();
+    if (generation !== this._generation || this._state === 'closed') return; // an 'error' listener closed the client
+
+    let decision = this._closePolicy(code, reason, explanation);
+    decision = this._askShouldReconnect(decision, code, reason, explanation);
+    if (generation !== this._generation || this._state === 'closed') return;
+    if (!decision.reconnect) {
+      this._stop(decision.error, code, reason);
       return;
     }
-    if (code === 4001 && this._lastError?.code === 'token_expired') {
-      // Expected when a refresh did not make it in time: come back at once with a fresh token.
-      this._lost(code, reason || 'token expired', false, 0);
-      return;
+    if (decision.dropToken) this._tokenCache = null;
+    if (decision.revoked) {
+      this._revokedRetry = true;
+      this._revokedToken = this._socketToken;
     }
-    this._lost(code, reason || '', false);
+    this._lost(code, reason || decision.why || '', { delayMs: decision.delayMs });
   }
 
   /**
-   * The current connection is gone (or given up on): clean up, emit 'disconnected', schedule a reconnect.
-   * @param {number|null} code  close code, or null when there was no socket
-   * @param {boolean} abandon  true when the client itself gives up on a socket that may still be open
-   * @param {number} [delayMs]  override the backoff delay
+   * The close-code table (README, "Close codes"): {reconnect, delayMs?, dropToken?, revoked?, error?, why?}.
+   * `delayMs` undefined means: exponential backoff with full jitter.
    */
-  _lost(code, reason, abandon, delayMs) {
+  _closePolicy(code, reason, explanation) {
+    const stop = (error) => ({ reconnect: false, error });
+    const describe = `the server closed the connection with ${code}${reason ? ` (${reason})` : ''}`;
+    const provider = typeof this._token === 'function';
+    if (code === 4001) {
+      if (explanation?.code === 'token_expired') {
+        // Expected when a refresh did not make it in time: come back at once with a fresh token.
+        return { reconnect: true, delayMs: 0, dropToken: true, why: 'token expired' };
+      }
+      if (this._authError && this._socketTokenCached && provider) {
+        // A token from the cache was refused (clocks disagree, the server's key was rotated): ask the provider
+        // for a fresh one, at once. A fresh token refused the same way stops the client below.
+        return { reconnect: true, delayMs: 0, dropToken: true, why: 'cached token refused' };
+      }
+      return stop(explanation ?? new NudgeError('unauthorized', describe, { closeCode: code, fromServer: false }));
+    }
+    if (code === 4003) {
+      const error = explanation ?? new NudgeError('revoked', describe, { closeCode: code, fromServer: false });
+      if (!provider || this._revokedRetry) return stop(error);
+      return { reconnect: true, delayMs: 0, dropToken: true, revoked: true, why: 'revoked' };
+    }
+    if (code === 1009) {
+      return stop(explanation ?? new NudgeError('too_large', describe, { closeCode: code, fromServer: false }));
+    }
+    if (code > CLOSE_CLIENT_TIMEOUT && code <= 4999) {
+      // A close code of nudge's own range that this client does not know: a newer server telling it to stop.
+      return stop(explanation ?? new NudgeError('connection_closed', describe, { closeCode: code, fromServer: false }));
+    }
+    if (code === 1001 || code === 1012) {
+      // The server is going away (a deploy, a restart): spread the reconnects of all its clients over a window
+      // rather than have them all come back in the same instant.
+      const window = Math.max(this._opts.backoff.goingAwayMs, this._backoffCap());
+      return { reconnect: true, delayMs: Math.floor(Math.random() * window) };
+    }
+    // 1000, 1006, 1011, 1013, 4000, other 1xxx/2xxx/3xxx: the connection ended, the server may be back later.
+    return { reconnect: true };
+  }
+
+  /** Let `options.shouldReconnect` override the table. */
+  _askShouldReconnect(decision, code, reason, explanation) {
+    const hook = this._opts.shouldReconnect;
+    if (!hook) return decision;
+    let verdict;
+    try {
+      verdict = hook({ code, reason: reason ?? '', error: explanation ?? null, willReconnect: decision.reconnect });
+    } catch (cause) {
+      this._emit('error', new NudgeError('handler', `shouldReconnect threw: ${cause?.message ?? cause}`, { cause, fromServer: false }));
+      return decision;
+    }
+    if (verdict === true && !decision.reconnect) return { reconnect: true, dropToken: true };
+    if (verdict === false && decision.reconnect) {
+      return {
+        reconnect: false,
+        error:
+          explanation ??
+          new NudgeError('connection_closed', `the connection closed with ${code}; shouldReconnect said stop`, { closeCode: code, fromServer: false }),
+      };
+    }
+    return decision;
+  }
+
+  /** A connection ended: one that stayed up `backoff.stableMs` resets the backoff (and the 4003 allowance). */
+  _noteConnectionEnd() {
+    if (this._readyAt !== null && Date.now() - this._readyAt >= this._opts.backoff.stableMs) {
+      this._failures = 0;
+      this._revokedRetry = false;
+    }
+    this._readyAt = null;
+  }
+
+  /**
+   * The current connection is gone (or given up on, or never opened): clean up, emit 'disconnected', schedule a
+   * reconnect (or wait for the network while the browser says it is offline).
+   * @param {number|null} code  close code, or null when there was no socket
+   * @param {{abandon?: boolean, delayMs?: number}} [how]  abandon: the client gives up on a socket that may still
+   *   be open (and closes it with 4000); delayMs: instead of the backoff delay
+   */
+  _lost(code, reason, { abandon = false, delayMs } = {}) {
+    if (abandon) {
+      this._noteConnectionEnd();
+      if (this._opts.shouldReconnect) {
+        const decision = this._askShouldReconnect({ reconnect: true }, CLOSE_CLIENT_TIMEOUT, reason, null);
+        if (this._state === 'closed') return;
+        if (!decision.reconnect) {
+          this._stop(decision.error, CLOSE_CLIENT_TIMEOUT, reason, { closeWith: CLOSE_CLIENT_TIMEOUT });
+          return;
+        }
+      }
+    }
     const hadSocket = this._ws !== null;
     const wasReady = this._state === 'ready';
-    this._teardown(abandon ? CLOSE_CLIENT_TIMEOUT : null, reason);
+    this._teardown({ closeWith: abandon ? CLOSE_CLIENT_TIMEOUT : null, code: code ?? 1006, reason });
     if (this._state === 'closed') return;
     const delay = delayMs ?? this._backoffDelay();
     this._failures += 1;
-    this._state = 'waiting';
+    const info = { code: code ?? 1006, reason, wasReady, willReconnect: true };
+    if (this._isOffline()) {
+      // No point trying (and failing, and growing the backoff) without a network: the 'online' event resumes.
+      this._setState('offline');
+      if (hadSocket && this._state === 'offline') this._emit('disconnected', { ...info, offline: true });
+      return;
+    }
+    this._setState('waiting');
+    if (this._state !== 'waiting') return;
     this._timers.reconnect = later(() => {
       this._timers.reconnect = null;
       if (this._state === 'waiting') this._open();
     }, delay);
-    if (hadSocket) this._emit('disconnected', { code: code ?? 1006, reason, wasReady, willReconnect: true, retryInMs: delay });
+    if (hadSocket) this._emit('disconnected', { ...info, retryInMs: delay });
   }
 
-  /** Give up for good (refused token): like close(), but reports why. */
-  _stop(error, code, reason) {
+  /** Give up for good (refused or revoked token, 1009, unknown 4xxx, shouldReconnect): like close(), but says why. */
+  _stop(error, code, reason, { closeWith = null } = {}) {
     const hadSocket = this._ws !== null;
     const wasReady = this._state === 'ready';
-    this._teardown(null, 'stopped');
-    this._state = 'closed';
+    this._teardown({ closeWith, code: code ?? 1000, reason: 'stopped' });
+    if (this._state === 'closed') return; // an 'error' listener called close() meanwhile
+    this._readyAt = null;
+    this._tokenCache = null;
+    this._setState('closed');
+    this._stopListeningToEnvironment();
     this._stopError = error;
     this._rejectReady(error);
     if (hadSocket) {
-      this._emit('disconnected', { code: code ?? 4001, reason: reason || error.message, wasReady, willReconnect: false });
+      this._emit('disconnected', { code: code ?? error.closeCode ?? 1000, reason: reason || error.message, wasReady, willReconnect: false });
     }
     this._emit('closed', { error });
   }
 
-  /** Full jitter: a random delay between 0 and min(maxMs, initialMs * 2^failures). */
-  _backoffDelay() {
+  /** min(maxMs, initialMs * 2^failures): the upper end of the next backoff delay. */
+  _backoffCap() {
     const { initialMs, maxMs } = this._opts.backoff;
-    const cap = Math.min(maxMs, initialMs * 2 ** Math.min(this._failures, 30));
-    return Math.floor(Math.random() * cap);
+    return Math.min(maxMs, initialMs * 2 ** Math.min(this._failures, 30));
   }
 
-  /** Drop the current socket and everything tied to it. `closeCode` set: also close the socket ourselves. */
-  _teardown(closeCode, reason) {
+  /** Full jitter: a random delay between 0 and the cap. */
+  _backoffDelay() {
+    return Math.floor(Math.random() * this._backoffCap());
+  }
+
+  /**
+   * Drop the current socket and everything tied to it.
+   * @param {{closeWith: number|null, code: number, reason: string}} how  closeWith: close the socket ourselves
+   *   with this code; code: the close code to report on requests that will now get no reply
+   */
+  _teardown({ closeWith, code, reason }) {
+    this._flushDeferredError();
     this._generation += 1;
     for (const name of Object.keys(this._timers)) this._clearTimer(name);
     const ws = this._ws;
     this._ws = null;
     this._authed = false;
     this._authRef = null;
+    this._closeHint = null;
     // Events held for a resume that never completed are not delivered: they are > lastSeq, so the next
     // connection's resume replays them, in order.
     this._buffer = null;
@@ -460,7 +696,7 @@ export class NudgeClient {
       // Keep a no-op error listener: some implementations report an error on a socket closed while connecting.
       ws.addEventListener('error', () => {});
       try {
-        if (ws.readyState <= OPEN) ws.close(closeCode ?? 1000, String(reason ?? '').slice(0, 100));
+        if (ws.readyState <= OPEN) ws.close(closeWith ?? 1000, String(reason ?? '').slice(0, 100));
       } catch {
         // Already closing, or an implementation that rejects the code: nothing more to do.
       }
@@ -477,7 +713,9 @@ export class NudgeClient {
         request.resolve();
         continue;
       }
-      request.reject?.(new NudgeError('disconnected', 'the connection closed before the reply arrived'));
+      request.reject?.(
+        new NudgeError('disconnected', 'the connection closed before the reply arrived', { closeCode: code, fromServer: false }),
+      );
     }
     for (const entry of this._topics.values()) {
       entry.active = false;
@@ -495,7 +733,94 @@ export class NudgeClient {
   _rejectReady(error) {
     const waiters = this._readyWaiters;
     this._readyWaiters = [];
-    for (const w of waiters) w.reject(error);
+    for (const w of waiters) {
+      if (w.timer) clearTimeout(w.timer);
+      w.reject(error);
+    }
+  }
+
+  // ---- connectivity (browsers only: online/offline, page visibility) -----------------------------------------
+
+  _listenToEnvironment() {
+    if (this._env) return;
+    const { online, visibility } = this._opts.connectivity;
+    const env = environment();
+    const handlers = [];
+    if (online && env.window) {
+      handlers.push([env.window, 'online', () => this._onOnline()]);
+      handlers.push([env.window, 'offline', () => this._onOffline()]);
+    }
+    if (visibility && env.document) {
+      handlers.push([env.document, 'visibilitychange', () => this._onVisibilityChange()]);
+      this._hiddenAt = env.document.visibilityState === 'hidden' ? Date.now() : null;
+    }
+    for (const [target, name, fn] of handlers) target.addEventListener(name, fn);
+    this._env = { ...env, handlers };
+  }
+
+  _stopListeningToEnvironment() {
+    if (!this._env) return;
+    for (const [target, name, fn] of this._env.handlers) target.removeEventListener(name, fn);
+    this._env = null;
+  }
+
+  /** The browser says there is no network at all (`navigator.onLine === false`). Never true outside browsers. */
+  _isOffline() {
+    return this._opts.connectivity.online && this._env?.window != null && this._env.navigator?.onLine === false;
+  }
+
+  _onOnline() {
+    if (this._state === 'waiting' || this._state === 'offline') {
+      // Back online: try now rather than at the end of a backoff that grew while the network was away.
+      this._clearTimer('reconnect');
+      this._open();
+    } else if (this._state === 'ready') {
+      // The network changed under an open socket (Wi-Fi to cellular): it may be dead without knowing it.
+      this._check('the network came back');
+    }
+  }
+
+  _onOffline() {
+    if (this._state === 'waiting') {
+      this._clearTimer('reconnect');
+      this._setState('offline');
+    } else if (this._state === 'ready') {
+      this._check('the browser went offline');
+    }
+  }
+
+  _onVisibilityChange() {
+    const doc = this._env?.document;
+    if (!doc) return;
+    if (doc.visibilityState === 'hidden') {
+      this._hiddenAt ??= Date.now();
+      return;
+    }
+    if (doc.visibilityState !== 'visible') return;
+    const hiddenFor = this._hiddenAt === null ? 0 : Date.now() - this._hiddenAt;
+    this._hiddenAt = null;
+    if (hiddenFor < this._opts.connectivity.hiddenMs) return;
+    // Hidden tabs get their timers throttled or frozen (and phones suspend them): after a long time hidden the
+    // socket may be dead without anyone having noticed, and a backoff timer may not have fired.
+    if (this._state === 'ready') this._check(`visible again after ${Math.round(hiddenFor / 1000)} s hidden`);
+    else if (this._state === 'waiting') {
+      this._clearTimer('reconnect');
+      this._open();
+    }
+  }
+
+  /** Ping now: unless some frame arrives within `checkTimeoutMs`, give the connection up and reconnect at once. */
+  _check(why) {
+    if (!this._authed) return;
+    const timeoutMs = this._opts.connectivity.checkTimeoutMs;
+    const generation = this._generation;
+    this._clearTimer('pong');
+    if (!this._send({ type: 'ping' })) return;
+    this._timers.pong = later(() => {
+      if (generation !== this._generation) return;
+      this._timers.pong = null;
+      this._lost(CLOSE_CLIENT_TIMEOUT, `no frame within ${timeoutMs} ms after a check (${why})`, { abandon: true, delayMs: 0 });
+    }, timeoutMs);
   }
 
   // ---- keep-alive and token refresh ---------------------------------------------------------------------------
@@ -511,7 +836,7 @@ export class NudgeClient {
         this._timers.pong = later(() => {
           if (generation !== this._generation) return;
           this._timers.pong = null;
-          this._lost(CLOSE_CLIENT_TIMEOUT, `no frame within ${pongTimeoutMs} ms after a ping`, true);
+          this._lost(CLOSE_CLIENT_TIMEOUT, `no frame within ${pongTimeoutMs} ms after a ping`, { abandon: true });
         }, pongTimeoutMs);
       }
       this._timers.ping = later(tick, pingIntervalMs);
@@ -536,29 +861,31 @@ export class NudgeClient {
   async _refresh(generation) {
     let token;
     try {
-      token = await this._fetchToken();
+      ({ token } = await this._getToken({ fresh: true }));
     } catch (cause) {
       if (generation !== this._generation) return;
-      this._emit('error', new NudgeError('token_provider', `the token provider failed: ${cause?.message ?? cause}`, { cause }));
-      this._retryRefresh(generation);
+      this._emit('error', this._providerError(cause));
+      if (generation === this._generation) this._retryRefresh(generation);
       return;
     }
     if (generation !== this._generation) return;
     if (token == null) {
-      this._stop(new NudgeError('unauthorized', 'the token provider returned no token; stopping'));
+      this._stop(new NudgeError('unauthorized', 'the token provider returned no token; stopping', { fromServer: false }));
       return;
     }
     this._request({ type: 'refresh', token }).then(
       (reply) => {
         if (generation !== this._generation) return;
+        this._socketToken = token;
         this._expiresAt = reply.expires_at;
         this._emit('refreshed', { expiresAt: reply.expires_at });
         this._scheduleRefresh();
       },
       (error) => {
         if (generation !== this._generation || error.code === 'disconnected') return;
+        if (this._tokenCache?.token === token) this._tokenCache = null; // refused: never reuse it for a connect
         this._emit('error', error);
-        this._retryRefresh(generation);
+        if (generation === this._generation) this._retryRefresh(generation);
       },
     );
   }
@@ -597,17 +924,42 @@ export class NudgeClient {
       const ref = this._ref();
       const request = { type: message.type, resolve, reject, ...extra };
       if (!this._send({ ...message, ref })) {
-        reject(new NudgeError('disconnected', 'not connected'));
+        reject(new NudgeError('disconnected', 'not connected', { fromServer: false }));
         return;
       }
       const generation = this._generation;
       request.timer = later(() => {
         if (!this._pending.has(ref) || generation !== this._generation) return;
         this._pending.delete(ref);
-        reject(new NudgeError('timeout', `no reply to ${message.type} within ${this._opts.requestTimeoutMs} ms`, { ref }));
+        reject(new NudgeError('timeout', `no reply to ${message.type} within ${this._opts.requestTimeoutMs} ms`, { ref, fromServer: false }));
       }, this._opts.requestTimeoutMs);
       this._pending.set(ref, request);
     });
+  }
+
+  /** An error frame as a NudgeError: whatever its code, known to this client or not, it comes from the server. */
+  _serverError(frame, details = {}) {
+    const code = typeof frame.code === 'string' && frame.code !== '' ? frame.code : 'unknown';
+    return new NudgeError(code, typeof frame.message === 'string' ? frame.message : code, { ...details, fromServer: true });
+  }
+
+  /** Emit an error that announces a close once the close arrives (to carry its code), or after a short wait. */
+  _deferError(error) {
+    this._flushDeferredError();
+    this._deferredError = error;
+    const generation = this._generation;
+    this._timers.closeError = later(() => {
+      this._timers.closeError = null;
+      if (generation === this._generation) this._flushDeferredError();
+    }, CLOSE_ERROR_WAIT_MS);
+  }
+
+  _flushDeferredError() {
+    const error = this._deferredError;
+    if (!error) return;
+    this._deferredError = null;
+    this._clearTimer('closeError');
+    this._emit('error', error);
   }
 
   _onFrame(data) {
@@ -615,11 +967,12 @@ export class NudgeClient {
     this._emit('frame', { direction: 'in', data });
     // Any frame proves the connection alive.
     this._clearTimer('pong');
+    this._closeHint = null;
     let frame;
     try {
       frame = JSON.parse(data);
     } catch {
-      this._emit('error', new NudgeError('bad_frame', 'the server sent a frame that is not JSON'));
+      this._emit('error', new NudgeError('bad_frame', 'the server sent a frame that is not JSON', { fromServer: false }));
       return;
     }
     if (frame === null || typeof frame !== 'object') return;
@@ -629,8 +982,10 @@ export class NudgeClient {
       this._authRef = null;
       if (frame.type === 'ready') this._onReady(frame);
       else if (frame.type === 'error') {
-        this._authError = new NudgeError(frame.code ?? 'unauthorized', frame.message ?? 'authentication failed', { ref });
-        this._emit('error', this._authError);
+        if (frame.code === undefined) frame = { ...frame, code: 'unauthorized' };
+        this._authError = this._serverError(frame, { ref });
+        this._closeHint = this._authError;
+        this._deferError(this._authError);
       }
       return;
     }
@@ -640,7 +995,7 @@ export class NudgeClient {
       this._pending.delete(ref);
       if (request.timer) clearTimeout(request.timer);
       if (frame.type === 'error') {
-        request.reject(new NudgeError(frame.code, frame.message ?? frame.code, { ref, topic: request.topic }));
+        request.reject(this._serverError(frame, { ref, topic: request.topic }));
       } else {
         request.resolve(frame);
       }
@@ -663,9 +1018,10 @@ export class NudgeClient {
         return;
       }
       case 'error': {
-        const error = new NudgeError(frame.code, frame.message ?? frame.code, ref === undefined ? {} : { ref });
-        this._lastError = error;
-        this._emit('error', error);
+        const error = this._serverError(frame, ref === undefined ? {} : { ref });
+        this._closeHint = error;
+        if (CLOSING_CODES.has(error.code)) this._deferError(error);
+        else this._emit('error', error);
         return;
       }
       default:
@@ -709,9 +1065,11 @@ export class NudgeClient {
     this._expiresAt = frame.expires_at;
     this._scheduleRefresh();
     const reconnect = this._everReady;
-    // On a reconnect, resume from the last seq: hold every event of this connection back until the `resumed`
-    // reply, since live events may arrive (personal ones right after auth) before the older, replayed ones.
-    const since = reconnect && this._opts.resume ? this._lastSeq : null;
+    // Resume on a reconnect, and on the first connection when the app seeded a position (`since`). Hold every
+    // event of this connection back until the `resumed` reply, since live events may arrive (personal ones
+    // right after auth) before the older, replayed ones.
+    const resuming = this._opts.resume && (reconnect || this._seeded);
+    const since = resuming ? this._lastSeq : null;
     if (since !== null) this._buffer = [];
     if (reconnect && !this._opts.resume) this._lastSeq = null; // no resume: this connection starts a new stream
     // Restore every wanted topic, then resume, then tell the app: from here on it misses nothing.
@@ -723,13 +1081,12 @@ export class NudgeClient {
     await Promise.all(restores);
     if (generation !== this._generation) return;
 
-    // What the app must know about the time it was away (only meaningful on a reconnect).
-    const outcome = { resumed: false, complete: false, refetch: true, replayed: 0 };
+    // What the app must know about the time it was away (on a reconnect, or since the seeded position).
+    const outcome = { resumed: false, complete: false, refetch: reconnect, replayed: 0 };
     let refetch = null;
-    if (!reconnect) {
-      // The first connection: the app fetches its initial state anyway.
-    } else if (!this._opts.resume) {
-      refetch = { reason: 'disabled', since: null };
+    if (!resuming) {
+      // The first connection without a position: the app fetches its initial state anyway.
+      if (reconnect) refetch = { reason: 'disabled', since: null };
     } else if (since === null) {
       refetch = { reason: 'no_position', since: null };
     } else {
@@ -744,6 +1101,7 @@ export class NudgeClient {
       if (!this._flushBuffer(generation)) return;
       if (result.error) {
         refetch = { reason: 'resume_failed', since, error: result.error };
+        outcome.refetch = true;
       } else {
         outcome.resumed = true;
         outcome.replayed = Number.isSafeInteger(reply.replayed) ? reply.replayed : 0;
@@ -758,16 +1116,22 @@ export class NudgeClient {
     }
 
     this._clearTimer('connect');
-    this._state = 'ready';
-    this._failures = 0;
+    this._seeded = false;
     this._everReady = true;
+    this._readyAt = Date.now();
+    this._revokedToken = null;
+    this._setState('ready');
+    if (generation !== this._generation) return;
     const info = { user: this._user, expiresAt: this._expiresAt };
     const waiters = this._readyWaiters;
     this._readyWaiters = [];
-    for (const w of waiters) w.resolve(info);
-    this._emit('ready', { ...info, reconnect });
-    if (!reconnect || generation !== this._generation) return;
-    this._emit('reconnected', { ...info, ...outcome });
+    for (const w of waiters) {
+      if (w.timer) clearTimeout(w.timer);
+      w.resolve(info);
+    }
+    this._emit('ready', { ...info, reconnect, resumed: outcome.resumed, complete: outcome.complete, replayed: outcome.replayed });
+    if (generation !== this._generation) return;
+    if (reconnect) this._emit('reconnected', { ...info, ...outcome });
     if (refetch && generation === this._generation) this._emit('refetch', refetch);
   }
 
@@ -789,7 +1153,7 @@ export class NudgeClient {
         }
         if (error.code === 'timeout') {
           // Unknown whether the server replayed: give this connection up rather than guess; retry from lastSeq.
-          this._lost(CLOSE_CLIENT_TIMEOUT, `no reply to resume within ${this._opts.requestTimeoutMs} ms`, true);
+          this._lost(CLOSE_CLIENT_TIMEOUT, `no reply to resume within ${this._opts.requestTimeoutMs} ms`, { abandon: true });
           return null;
         }
         return { error };
@@ -844,7 +1208,7 @@ export class NudgeClient {
 
   _dropTopic(topic, entry) {
     this._topics.delete(topic);
-    const refused = new NudgeError('unsubscribed', `unsubscribed from ${topic} before the server confirmed`, { topic });
+    const refused = new NudgeError('unsubscribed', `unsubscribed from ${topic} before the server confirmed`, { topic, fromServer: false });
     for (const w of entry.waiters) w.cancel(refused);
     entry.waiters = [];
     if (!this._authed) return Promise.resolve();
@@ -865,8 +1229,23 @@ export class NudgeClient {
 
   _emit(name, value) {
     const set = this._listeners.get(name);
-    if (!set || set.size === 0) return;
+    if (!set || set.size === 0) {
+      if (name === 'error') this._logUnhandled(value);
+      return;
+    }
     for (const handler of [...set]) this._call(handler, value, name === 'error');
+  }
+
+  /** An 'error' nobody listens to: write it to the console, once per code, so it is never silent. */
+  _logUnhandled(error) {
+    const code = error?.code ?? 'unknown';
+    if (this._loggedCodes.has(code)) return;
+    this._loggedCodes.add(code);
+    if (typeof console === 'undefined' || typeof console.error !== 'function') return;
+    console.error(
+      `@nudge/client: unhandled '${code}' error (further '${code}' errors are not logged; listen with client.on('error', …)):`,
+      error,
+    );
   }
 
   /** Run an application callback; its exceptions become 'error' events, not broken client state. */
@@ -880,7 +1259,7 @@ export class NudgeClient {
           throw cause;
         });
       } else {
-        this._emit('error', new NudgeError('handler', `a handler threw: ${cause?.message ?? cause}`, { cause }));
+        this._emit('error', new NudgeError('handler', `a handler threw: ${cause?.message ?? cause}`, { cause, fromServer: false }));
       }
     }
   }

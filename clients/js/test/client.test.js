@@ -162,3 +162,25 @@ test('close() closes cleanly and does not reconnect', async () => {
   assert.equal(frames, 0);
   assert.equal(c.state, 'closed');
 });
+
+test('a token the server refuses stops the client at once, also from a provider function (close 4001)', async () => {
+  let asked = 0;
+  const c = client({
+    token: () => {
+      asked++;
+      return mintToken({ sub: 'alice', secret: 'not-the-right-secret-0123456789abcdef' });
+    },
+  });
+  const closed = nextEvent(c, 'closed');
+  const error = await c.ready().then(
+    () => assert.fail('should reject'),
+    (e) => e,
+  );
+  assert.equal(error.code, 'unauthorized');
+  assert.equal(error.fromServer, true);
+  assert.equal(error.closeCode, 4001);
+  assert.equal((await closed).error, error);
+  await new Promise((r) => setTimeout(r, 1000));
+  assert.equal(asked, 1, 'no retry loop with tokens the server refuses');
+  assert.equal(c.state, 'closed');
+});

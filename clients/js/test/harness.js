@@ -99,8 +99,22 @@ export function freePort() {
   });
 }
 
-/** Start a throwaway PostgreSQL cluster. Returns {url, stop}. */
+/**
+ * Start a throwaway PostgreSQL cluster. Returns {url, stop}. throwaway-pg picks a random port that nobody
+ * answers on, which may still be taken (e.g. as the local end of an outgoing connection) by the time postgres
+ * binds it: that case is retried with another port.
+ */
 export async function startPostgres({ timeoutMs = 60_000 } = {}) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startPostgresOnce({ timeoutMs });
+    } catch (e) {
+      if (attempt >= 3 || !/could not bind|Address already in use/.test(e.message)) throw e;
+    }
+  }
+}
+
+async function startPostgresOnce({ timeoutMs }) {
   const child = spawn(path.join(repoRoot, 'scripts/throwaway-pg'), [], { stdio: ['pipe', 'pipe', 'pipe'] });
   let stderr = '';
   child.stderr.on('data', (d) => (stderr += d));

@@ -2,7 +2,7 @@
 import { test, before, after, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
 import { NudgeClient } from '../src/index.js';
-import { startPostgres, startNudge, freePort, mintToken, publish, Inbox, nextEvent, waitFor, withTimeout } from './harness.js';
+import { startPostgres, startNudge, freePort, mintToken, publish, Inbox, nextEvent, waitFor, withTimeout, SECRET } from './harness.js';
 
 let pg;
 let port;
@@ -72,7 +72,7 @@ test('reconnects after the server is killed and restarted on the same port', asy
   nudge = await startNudge({ databaseUrl: pg.url, port });
   await reconnected;
   assert.equal(c.state, 'ready');
-  assert.ok(tokensIssued >= 2, 'a fresh token is asked for on reconnect');
+  assert.equal(tokensIssued, 1, 'the cached token (5 minutes left) is reused: the provider is not asked again');
   // auth first, then the subscription is restored before 'reconnected' fires.
   const lastAuth = sent.findLastIndex((m) => m.type === 'auth');
   assert.ok(lastAuth >= 0);
@@ -193,4 +193,57 @@ test('a refreshed token that no longer allows a topic revokes that subscription'
   await publish(pg.url, { topic: 'post:50' });
   const id = await publish(pg.url, { topic: 'chat:1' });
   assert.equal((await chat.take()).id, id);
+});
+
+test('nudge shutting down (SIGTERM, close 1001): clients come back after a delay spread over goingAwayMs', async () => {
+  const clientsOf = [0, 1, 2].map(() => client({ backoff: { initialMs: 100, maxMs: 1000, goingAwayMs: 2500 } }));
+  await Promise.all(clientsOf.map((c) => withTimeout(c.ready(), 10_000, 'ready')));
+  const gone = clientsOf.map((c) => nextEvent(c, 'disconnected'));
+  nudge.signal('SIGTERM');
+  const ds = await Promise.all(gone);
+  await nudge.stop();
+  for (const d of ds) {
+    assert.equal(d.code, 1001, 'nudge says it is going away');
+    assert.equal(d.willReconnect, true);
+    assert.ok(d.retryInMs >= 0 && d.retryInMs < 2500, `delay ${d.retryInMs} ms within the 2500 ms window`);
+  }
+  const back = clientsOf.map((c) => nextEvent(c, 'reconnected', { timeoutMs: 30_000 }));
+  nudge = await startNudge({ databaseUrl: pg.url, port });
+  await Promise.all(back);
+});
+
+test("the server's key changes: the cached token is refused, a fresh one is asked for at once", async () => {
+  let secret = SECRET;
+  let issued = 0;
+  const c = client({
+    token: () => {
+      issued++;
+      return mintToken({ sub: 'alice', topics: ['post:*'], secret });
+    },
+  });
+  const errors = [];
+  c.on('error', (e) => errors.push(e));
+  await withTimeout(c.ready(), 10_000, 'ready');
+  assert.equal(issued, 1);
+  const rotated = 'a-rotated-secret-for-the-js-client-0123456789';
+  try {
+    const lost = nextEvent(c, 'disconnected');
+    nudge.signal('SIGKILL');
+    await nudge.stop();
+    await lost;
+    secret = rotated;
+    const refusal = nextEvent(c, 'disconnected', { timeoutMs: 30_000, filter: (d) => d.code === 4001 });
+    const reconnected = nextEvent(c, 'reconnected', { timeoutMs: 30_000 });
+    nudge = await startNudge({ databaseUrl: pg.url, port, env: { NUDGE_JWT_SECRET: rotated } });
+    const refused = await refusal;
+    assert.equal(refused.retryInMs, 0, 'retried at once, not after a backoff');
+    await reconnected;
+    assert.equal(issued, 2, 'the provider was asked once more, after the refusal');
+    assert.equal(errors.filter((e) => e.code === 'unauthorized').length, 1);
+    assert.equal(errors.find((e) => e.code === 'unauthorized').closeCode, 4001);
+  } finally {
+    c.close();
+    await nudge.stop();
+    nudge = await startNudge({ databaseUrl: pg.url, port });
+  }
 });
