@@ -9,7 +9,6 @@ mod postgres;
 
 use std::io::Read;
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use crate::config::{ConfigError, Options};
@@ -42,7 +41,7 @@ pub async fn run(options: Options) -> Result<(), DemoError> {
             (Some(cluster), url)
         }
     };
-    let database = tokio_postgres::Config::from_str(&url).map_err(|e| ConfigError::BadDatabaseUrl(e.to_string()))?;
+    let database = db::Database::parse(&url).map_err(ConfigError::from_database_url)?;
     prepare_database(&database).await?;
 
     let secret: Arc<str> = match options.jwt_secret.clone().filter(|s| !s.is_empty()) {
@@ -59,7 +58,7 @@ pub async fn run(options: Options) -> Result<(), DemoError> {
     Ok(())
 }
 
-async fn prepare_database(database: &tokio_postgres::Config) -> Result<(), DemoError> {
+async fn prepare_database(database: &db::Database) -> Result<(), DemoError> {
     db::migrate::migrate(database).await.map_err(|e| DemoError::Database(e.to_string()))?;
     let session = db::Session::connect(database).await.map_err(|e| DemoError::Database(e.to_string()))?;
     let created = session.batch_execute(api::SCHEMA).await;
