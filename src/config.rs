@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -250,6 +249,9 @@ pub enum ConfigError {
     BadDatabaseUrl(String),
     #[error("NUDGE_LISTEN_DATABASE_URL is malformed: {0}")]
     BadListenDatabaseUrl(String),
+    /// The URL's TLS parameters (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`): which variable, and why.
+    #[error("{0}: {1}")]
+    DatabaseTls(&'static str, String),
     #[error(transparent)]
     Jwt(#[from] crate::auth::KeyError),
     #[error("--{0} must be greater than zero")]
@@ -310,9 +312,9 @@ pub struct RelaySettings {
 /// A checked configuration for `serve`.
 pub struct ServeConfig {
     /// The pool's database (may be PgBouncer in transaction mode).
-    pub database: tokio_postgres::Config,
+    pub database: crate::db::Database,
     /// A direct session for LISTEN and migrations.
-    pub listen_database: tokio_postgres::Config,
+    pub listen_database: crate::db::Database,
     pub node_id: String,
     pub listen: SocketAddr,
     /// Set when nudge terminates TLS itself.
@@ -332,16 +334,17 @@ pub struct ServeConfig {
 }
 
 impl Options {
-    pub fn database(&self) -> Result<tokio_postgres::Config, ConfigError> {
+    pub fn database(&self) -> Result<crate::db::Database, ConfigError> {
         let url = self.database_url.as_deref().ok_or(ConfigError::MissingDatabaseUrl)?;
-        // tokio-postgres' messages never echo the password back.
-        parse_database_url(url, &self.database_timeouts()).map_err(ConfigError::BadDatabaseUrl)
+        parse_database_url(url, &self.database_timeouts()).map_err(ConfigError::from_database_url)
     }
 
     /// The direct session for LISTEN and migrations: NUDGE_LISTEN_DATABASE_URL, else NUDGE_DATABASE_URL.
-    pub fn listen_database(&self) -> Result<tokio_postgres::Config, ConfigError> {
+    pub fn listen_database(&self) -> Result<crate::db::Database, ConfigError> {
         match self.listen_database_url.as_deref() {
-            Some(url) => parse_database_url(url, &self.database_timeouts()).map_err(ConfigError::BadListenDatabaseUrl),
+            Some(url) => {
+                parse_database_url(url, &self.database_timeouts()).map_err(ConfigError::from_listen_database_url)
+            }
             None => self.database(),
         }
     }
@@ -353,7 +356,7 @@ impl Options {
     /// `serve_config` with the database and secret given by the caller (`nudge demo` makes its own).
     pub fn serve_config_with(
         &self,
-        database: tokio_postgres::Config,
+        database: crate::db::Database,
         jwt_secret: Option<String>,
     ) -> Result<ServeConfig, ConfigError> {
         let key = match (&jwt_secret, &self.jwt_public_key, &self.jwks_url) {
@@ -412,7 +415,7 @@ impl Options {
         }
         let listen_database = match self.listen_database_url.as_deref() {
             Some(url) => {
-                parse_database_url(url, &self.database_timeouts()).map_err(ConfigError::BadListenDatabaseUrl)?
+                parse_database_url(url, &self.database_timeouts()).map_err(ConfigError::from_listen_database_url)?
             }
             None => database.clone(),
         };
@@ -499,11 +502,29 @@ impl Options {
     }
 }
 
-/// A URL or key=value string, with nudge's session settings: `connect_timeout` 5 s unless the URL sets one (it
-/// bounds the whole session setup, `db::connect_bound`), and the `NUDGE_DB_*` keepalive and TCP user timeout
-/// options, which override the URL's `keepalives*` and `tcp_user_timeout` (`db::apply_timeouts`).
-fn parse_database_url(url: &str, timeouts: &DatabaseTimeouts) -> Result<tokio_postgres::Config, String> {
-    let mut config = tokio_postgres::Config::from_str(url).map_err(|e| e.to_string())?;
+impl ConfigError {
+    /// Messages name the variable and the parameter, never the URL (it may hold a password).
+    pub fn from_database_url(e: crate::db::UrlError) -> ConfigError {
+        match e {
+            crate::db::UrlError::Malformed(e) => ConfigError::BadDatabaseUrl(e),
+            crate::db::UrlError::Tls(e) => ConfigError::DatabaseTls("NUDGE_DATABASE_URL", e),
+        }
+    }
+
+    pub fn from_listen_database_url(e: crate::db::UrlError) -> ConfigError {
+        match e {
+            crate::db::UrlError::Malformed(e) => ConfigError::BadListenDatabaseUrl(e),
+            crate::db::UrlError::Tls(e) => ConfigError::DatabaseTls("NUDGE_LISTEN_DATABASE_URL", e),
+        }
+    }
+}
+
+/// A URL or key=value string (with libpq's TLS parameters, `db::tls`), with nudge's session settings:
+/// `connect_timeout` 5 s unless the URL sets one (it bounds the whole session setup, `db::connect_bound`), and the
+/// `NUDGE_DB_*` keepalive and TCP user timeout options, which override the URL's `keepalives*` and
+/// `tcp_user_timeout` (`db::apply_timeouts`).
+fn parse_database_url(url: &str, timeouts: &DatabaseTimeouts) -> Result<crate::db::Database, crate::db::UrlError> {
+    let mut config = crate::db::Database::parse(url)?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));
     }

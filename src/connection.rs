@@ -693,7 +693,7 @@ mod tests {
             leeway: Duration::ZERO,
         })
         .expect("settings");
-        let config: tokio_postgres::Config = "host=127.0.0.1 user=x dbname=x".parse().expect("config");
+        let config: crate::db::Database = "host=127.0.0.1 user=x dbname=x".parse().expect("config");
         Arc::new(Shared {
             hub: Arc::new(Hub::new()),
             wakeups: Arc::default(),

@@ -176,7 +176,7 @@ struct NodeIdentity {
 /// connection (LISTEN and migrations need a session).
 async fn run_database_side(
     relay: Arc<Relay>,
-    session_db: tokio_postgres::Config,
+    session_db: db::Database,
     migrate: bool,
     node: NodeIdentity,
     pools: Vec<deadpool_postgres::Pool>,

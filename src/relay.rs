@@ -24,7 +24,7 @@ use deadpool_postgres::Pool;
 use crate::config::RelaySettings;
 use crate::db::events;
 use crate::db::gate::{self, Gate};
-use crate::db::{migrate, nodes, Backoff};
+use crate::db::{self, migrate, nodes, Backoff};
 use crate::health::{Metrics, Readiness};
 use crate::hub::Hub;
 use crate::shutdown::Shutdown;
@@ -42,7 +42,7 @@ pub struct Relay {
     /// (db::listen) decide it.
     pub peers: Arc<Peers>,
     /// The direct session config (never PgBouncer) for the wake gate's session-level lock.
-    pub gate_database: tokio_postgres::Config,
+    pub gate_database: db::Database,
     /// Batches this node claimed, in claim order, waiting for the delivery loop (which alone routes).
     pub fresh: Mutex<Vec<events::Batch>>,
     pub metrics: Arc<Metrics>,
@@ -498,7 +498,7 @@ impl Relay {
 /// Bring the schema up to date (or, with `--no-migrate`, wait until someone else has), retrying with backoff
 /// while the database is unreachable. Returns false if shutdown came first.
 pub async fn prepare_schema(
-    database: &tokio_postgres::Config,
+    database: &db::Database,
     apply: bool,
     readiness: &Readiness,
     mut shutdown: Shutdown,

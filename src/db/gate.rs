@@ -15,7 +15,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 
 use super::events::QueryError;
-use super::{ConnectError, Session};
+use super::{ConnectError, Database, Session};
 
 /// Held exclusively by an awake relay (must match sql/0003_wake_gate.sql).
 const AWAKE: i64 = 121_450_474_726_657;
@@ -37,7 +37,7 @@ pub struct Gate {
 }
 
 impl Gate {
-    pub async fn connect(config: &tokio_postgres::Config) -> Result<Gate, ConnectError> {
+    pub async fn connect(config: &Database) -> Result<Gate, ConnectError> {
         let mut config = config.clone();
         // Operators find this session (and its lock, in pg_locks) by name.
         config.application_name("nudge-gate");

@@ -59,12 +59,7 @@ enum ListenError {
 }
 
 /// Keep a LISTEN session open until shutdown, reconnecting with backoff.
-pub async fn run(
-    config: tokio_postgres::Config,
-    wakeups: Listeners,
-    readiness: Arc<Readiness>,
-    mut shutdown: Shutdown,
-) {
+pub async fn run(config: super::Database, wakeups: Listeners, readiness: Arc<Readiness>, mut shutdown: Shutdown) {
     let mut config = config;
     // Operators find this session in pg_stat_activity by name (and tests kill it by name).
     config.application_name("nudge-listen");
@@ -93,7 +88,7 @@ pub async fn run(
 /// One session: connect, LISTEN, wake the relay, then forward notifications until the connection ends or stops
 /// answering. Returns why it ended.
 async fn listen_once(
-    config: &tokio_postgres::Config,
+    config: &super::Database,
     liveness: Liveness,
     wakeups: &Listeners,
     readiness: &Readiness,

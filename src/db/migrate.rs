@@ -40,7 +40,7 @@ pub enum MigrateError {
 }
 
 /// Apply pending migrations; returns the versions applied now.
-pub async fn migrate(config: &tokio_postgres::Config) -> Result<Vec<i32>, MigrateError> {
+pub async fn migrate(config: &super::Database) -> Result<Vec<i32>, MigrateError> {
     let mut session = Session::connect(config).await.map_err(MigrateError::Connect)?;
     let result = apply_locked(&mut session).await;
     session.close().await;
@@ -48,7 +48,7 @@ pub async fn migrate(config: &tokio_postgres::Config) -> Result<Vec<i32>, Migrat
 }
 
 /// Check, without changing anything, that the schema is current (for `serve --no-migrate`).
-pub async fn check(config: &tokio_postgres::Config) -> Result<(), MigrateError> {
+pub async fn check(config: &super::Database) -> Result<(), MigrateError> {
     let session = Session::connect(config).await.map_err(MigrateError::Connect)?;
     let result = applied_versions(&session).await;
     session.close().await;

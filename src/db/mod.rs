@@ -6,21 +6,80 @@
 //! kernel declares a silent direct connection dead; the LISTEN session also probes itself ([`Liveness`]), which
 //! works through proxies too (a proxy's kernel answers keepalives for a dead backend); and when LISTEN is lost,
 //! every pooled session that was opened or handed out before is discarded ([`distrust_sessions`]).
+//!
+//! Every session is opened from a [`Database`]: tokio-postgres' configuration and the TLS connector built from the
+//! URL's libpq TLS parameters ([`tls`]).
 
 pub mod events;
 pub mod gate;
 pub mod listen;
 pub mod migrate;
 pub mod nodes;
+pub mod tls;
 
+use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{NoTls, Socket};
+use tokio_postgres::Socket;
 
 use crate::config::DatabaseTimeouts;
+
+/// One database as nudge reaches it: tokio-postgres' configuration (derefs to it) and the TLS connector that every
+/// session to it uses. Built from a libpq URL or key=value string by [`Database::parse`].
+#[derive(Clone, Debug)]
+pub struct Database {
+    config: tokio_postgres::Config,
+    tls: tls::Connector,
+}
+
+/// Why a database URL was refused. Neither variant carries the URL (it may hold a password).
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    /// Not a connection string tokio-postgres and libpq accept.
+    #[error("{0}")]
+    Malformed(String),
+    /// The TLS parameters: an unknown `sslmode`, a file that cannot be used, a contradiction.
+    #[error("{0}")]
+    Tls(String),
+}
+
+impl Database {
+    /// `sslmode`, `sslrootcert`, `sslcert` and `sslkey` are nudge's (libpq semantics, [`tls`]); everything else
+    /// is tokio-postgres'. Reads the certificate and key files named.
+    pub fn parse(url: &str) -> Result<Database, UrlError> {
+        let (rest, params) = tls::split(url).map_err(UrlError::Malformed)?;
+        // tokio-postgres' messages never echo the password back.
+        let mut config = tokio_postgres::Config::from_str(&rest).map_err(|e| UrlError::Malformed(e.to_string()))?;
+        let tls = tls::Connector::new(&params, &mut config).map_err(UrlError::Tls)?;
+        Ok(Database { config, tls })
+    }
+
+    pub fn tls(&self) -> &tls::Connector {
+        &self.tls
+    }
+}
+
+impl FromStr for Database {
+    type Err = UrlError;
+    fn from_str(url: &str) -> Result<Database, UrlError> {
+        Database::parse(url)
+    }
+}
+
+impl std::ops::Deref for Database {
+    type Target = tokio_postgres::Config;
+    fn deref(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+}
+
+impl std::ops::DerefMut for Database {
+    fn deref_mut(&mut self) -> &mut tokio_postgres::Config {
+        &mut self.config
+    }
+}
 
 /// Apply nudge's liveness options to a session's configuration. They win over the URL's `keepalives`,
 /// `keepalives_idle`, `keepalives_interval`, `keepalives_retries` and `tcp_user_timeout` (keepalives are always
@@ -81,10 +140,10 @@ pub fn connect_bound(config: &tokio_postgres::Config) -> Duration {
 
 /// Open a direct session, bounded by [`connect_bound`].
 pub async fn connect(
-    config: &tokio_postgres::Config,
-) -> Result<(tokio_postgres::Client, tokio_postgres::Connection<Socket, NoTlsStream>), ConnectError> {
-    let bound = connect_bound(config);
-    match tokio::time::timeout(bound, config.connect(NoTls)).await {
+    database: &Database,
+) -> Result<(tokio_postgres::Client, tokio_postgres::Connection<Socket, tls::TlsStream>), ConnectError> {
+    let bound = connect_bound(database);
+    match tokio::time::timeout(bound, database.tls.connect(&database.config)).await {
         Ok(connected) => Ok(connected?),
         Err(_) => Err(ConnectError::Timeout(bound)),
     }
@@ -99,8 +158,8 @@ pub struct Session {
 }
 
 impl Session {
-    pub async fn connect(config: &tokio_postgres::Config) -> Result<Session, ConnectError> {
-        let (client, connection) = connect(config).await?;
+    pub async fn connect(database: &Database) -> Result<Session, ConnectError> {
+        let (client, connection) = connect(database).await?;
         let driver = tokio::spawn(async move {
             let _ = connection.await;
         });
@@ -135,14 +194,18 @@ const POOL_RECYCLE: Duration = Duration::from_secs(5);
 /// The pool for claims, deliveries and cleanup. It hands out only sessions that are still open (`Fast`
 /// recycling checks `Client::is_closed`, true once the kernel or the server ended the connection) and that were
 /// not in use or idle when the LISTEN session was lost ([`distrust_sessions`]). Creating a session is bounded by
-/// [`connect_bound`], waiting for one by `POOL_WAIT`.
-pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, deadpool_postgres::BuildError> {
-    let mut config = config.clone();
+/// [`connect_bound`], waiting for one by `POOL_WAIT`. Sessions are opened with the database's TLS connector.
+pub fn pool(database: &Database, size: usize) -> Result<Pool, deadpool_postgres::BuildError> {
+    let mut config = database.config.clone();
     if config.get_application_name().is_none() {
         config.application_name("nudge");
     }
     let create = connect_bound(&config);
-    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let manager = Manager::from_connect(
+        config,
+        PoolConnect(database.tls.clone()),
+        ManagerConfig { recycling_method: RecyclingMethod::Fast },
+    );
     Pool::builder(manager)
         .max_size(size)
         .runtime(Runtime::Tokio1)
@@ -159,6 +222,35 @@ pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, deadpo
             }
         }))
         .build()
+}
+
+/// How the pool opens a session: as [`connect`] does, with the database's TLS connector (deadpool's own
+/// `ConfigConnectImpl` would not retry a failed `prefer` handshake in plain text).
+struct PoolConnect(tls::Connector);
+
+impl deadpool_postgres::Connect for PoolConnect {
+    fn connect(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
+                > + Send
+                + '_,
+        >,
+    > {
+        let config = config.clone();
+        Box::pin(async move {
+            let (client, connection) = self.0.connect(&config).await?;
+            let driver = tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::warn!(target: "deadpool.postgres", "Connection error: {}", describe(&e));
+                }
+            });
+            Ok((client, driver))
+        })
+    }
 }
 
 /// Sessions last handed out (or opened) before this instant are not handed out again.

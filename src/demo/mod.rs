@@ -14,7 +14,6 @@ mod postgres;
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::str::FromStr;
 use std::sync::Arc;
 
 use crate::auth::JwtAlgorithm;
@@ -85,7 +84,7 @@ pub async fn run(mut options: Options, command_line: CommandLine) -> Result<(), 
             (Some(cluster), url)
         }
     };
-    let database = tokio_postgres::Config::from_str(&url).map_err(|e| ConfigError::BadDatabaseUrl(e.to_string()))?;
+    let database = db::Database::parse(&url).map_err(ConfigError::from_database_url)?;
     prepare_database(&database).await?;
 
     let secret: Arc<str> =
@@ -100,7 +99,7 @@ pub async fn run(mut options: Options, command_line: CommandLine) -> Result<(), 
     Ok(())
 }
 
-async fn prepare_database(database: &tokio_postgres::Config) -> Result<(), DemoError> {
+async fn prepare_database(database: &db::Database) -> Result<(), DemoError> {
     db::migrate::migrate(database).await.map_err(|e| DemoError::Database(e.to_string()))?;
     let session = db::Session::connect(database).await.map_err(|e| DemoError::Database(e.to_string()))?;
     let created = session.batch_execute(api::SCHEMA).await;

@@ -1114,6 +1114,12 @@ pub struct OwnCluster {
 
 impl OwnCluster {
     pub fn start() -> OwnCluster {
+        Self::start_with(|_| {})
+    }
+
+    /// `start`, with `configure` editing the data directory (postgresql.conf, pg_hba.conf, certificates) before
+    /// the first start.
+    pub fn start_with(configure: impl FnOnce(&Path)) -> OwnCluster {
         // The shared cluster first: both pick a free port and bind it later, so starting them concurrently could
         // pick the same one.
         cluster();
@@ -1132,6 +1138,11 @@ impl OwnCluster {
             .output()
             .expect("run initdb");
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        configure(&dir.join("data"));
+        if root {
+            let st = Command::new("chown").args(["-R", "postgres:"]).arg(&dir).status().unwrap();
+            assert!(st.success(), "chown of {} failed", dir.display());
+        }
         // Whatever happens to the test, closing stdin (the binary exiting) stops the cluster and removes it.
         let guard = format!(
             "read _; '{pg_ctl}' -D '{dir}/data' -m immediate stop >/dev/null 2>&1; rm -rf '{dir}'",
@@ -1188,6 +1199,12 @@ impl OwnCluster {
 
     pub fn url(&self, name: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Database `name` as `postgres` over the cluster's Unix socket (key=value form): trusted by initdb's pg_hba.conf,
+    /// never TLS.
+    pub fn socket_url(&self, name: &str) -> String {
+        format!("host={} port={} user=postgres dbname={name}", self.dir.display(), self.port)
     }
 
     pub async fn create_database(&self, name: &str) {
