@@ -27,7 +27,7 @@ use crate::config::ConnectionLimits;
 use crate::db::events;
 use crate::health::Metrics;
 use crate::hub::{ConnId, Frame, Hub};
-use crate::outbox::{Next, Outbox};
+use crate::outbox::{Control, Next, Outbox};
 use crate::protocol::{self, ErrorCode, Reply, Request};
 use crate::shutdown::Shutdown;
 use crate::wake::Wakeups;
@@ -175,6 +175,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 next = next_event(&mut self.session) => match next {
                     Next::Frame(frame) => Box::pin(self.write_events(frame)).await,
                     Next::Behind => Box::pin(self.catch_up()).await,
+                    Next::Control(Control::Revoke(message)) => Step::Close {
+                        code: protocol::CLOSE_REVOKED,
+                        reason: "revoked",
+                        error: Some((ErrorCode::Revoked, message, None)),
+                    },
+                    Next::Control(Control::Unsubscribe(pattern)) => Box::pin(self.drop_subscriptions(&pattern)).await,
                 },
                 _ = &mut deadline => match &self.session {
                     None => Step::Close {
@@ -356,6 +362,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 written(self.reply(Reply::Refreshed { expires_at }, reference).await)
             }
         }
+    }
+
+    /// `nudge.unsubscribe()`: drop every subscription matching `pattern` (a topic, or a prefix ending in `*`),
+    /// purge what is queued of them, and announce each with `unsubscribed`.
+    async fn drop_subscriptions(&mut self, pattern: &str) -> Step {
+        let Some(session) = &mut self.session else { return Step::Continue };
+        let matches = crate::auth::TopicPatterns::new([pattern.to_owned()]);
+        let (dropped, kept): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut session.topics).into_iter().partition(|t| matches.allows(t));
+        session.topics = kept;
+        for topic in &dropped {
+            self.shared.hub.unsubscribe(session.id, topic);
+            session.outbox.purge_topic(topic);
+        }
+        for topic in &dropped {
+            if let Err(e) = self.reply(Reply::Unsubscribed { topic }, None).await {
+                return Step::Gone(format!("write failed: {e}"));
+            }
+        }
+        Step::Continue
     }
 
     /// Register with the hub and tell the client it is `ready`.

@@ -13,7 +13,8 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::db::events::Event;
 use crate::health::Metrics;
-use crate::outbox::Outbox;
+use crate::outbox::{Control, Outbox};
+use crate::presence::{PresenceBook, UserRows};
 use crate::protocol::EventFrame;
 
 /// One connection's id, unique for the life of the process.
@@ -44,13 +45,23 @@ impl Default for Hub {
     }
 }
 
+/// One registered connection.
+struct Registered {
+    outbox: Arc<Outbox>,
+    user: Arc<str>,
+    /// When it authenticated: presence's `since`.
+    opened: std::time::SystemTime,
+}
+
 #[derive(Default)]
 struct Maps {
-    outboxes: HashMap<ConnId, Arc<Outbox>>,
+    outboxes: HashMap<ConnId, Registered>,
     /// A user's connections: tabs and devices, usually a handful, so a Vec beats a set.
     by_user: HashMap<Arc<str>, Vec<ConnId>>,
     /// A topic's subscribers: possibly thousands, removed one by one, so a set.
     by_topic: HashMap<Box<str>, HashSet<ConnId>>,
+    /// Who is online here, for `nudge.presence` (presence.rs); changed only under the write lock, with the maps.
+    presence: PresenceBook,
 }
 
 /// What a routing call did, for metrics and logs.
@@ -71,32 +82,58 @@ impl Hub {
     pub fn register(&self, user: &Arc<str>, queue: usize) -> (ConnId, Arc<Outbox>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let outbox = Arc::new(Outbox::new(queue));
+        let opened = std::time::SystemTime::now();
         let mut maps = self.write();
-        maps.outboxes.insert(id, outbox.clone());
+        maps.outboxes.insert(id, Registered { outbox: outbox.clone(), user: user.clone(), opened });
         maps.by_user.entry(user.clone()).or_default().push(id);
+        maps.presence.opened(user, opened);
         (id, outbox)
     }
 
     /// Remove a connection and all its subscriptions. Idempotent.
     pub fn unregister<'t>(&self, id: ConnId, user: &str, topics: impl IntoIterator<Item = &'t str>) {
         let mut maps = self.write();
-        maps.outboxes.remove(&id);
+        for topic in topics {
+            maps.unsubscribe(id, topic);
+        }
+        let Some(registered) = maps.outboxes.remove(&id) else { return };
         if let Some(conns) = maps.by_user.get_mut(user) {
             conns.retain(|c| *c != id);
             if conns.is_empty() {
                 maps.by_user.remove(user);
             }
         }
-        for topic in topics {
-            maps.unsubscribe(id, topic);
-        }
+        maps.presence.closed(&registered.user, registered.opened);
     }
 
     pub fn subscribe(&self, id: ConnId, topic: &str) {
         let mut maps = self.write();
-        if maps.outboxes.contains_key(&id) {
-            maps.by_topic.entry(topic.into()).or_default().insert(id);
+        let Some(user) = maps.outboxes.get(&id).map(|r| r.user.clone()) else { return };
+        if maps.by_topic.entry(topic.into()).or_default().insert(id) {
+            maps.presence.subscribed(&user, topic);
         }
+    }
+
+    /// Send an order to every connection of `user` on this node; returns how many got it.
+    pub fn control_user(&self, user: &str, order: &Control) -> usize {
+        let maps = self.read();
+        let conns = maps.by_user.get(user).map(Vec::as_slice).unwrap_or_default();
+        for id in conns {
+            if let Some(registered) = maps.outboxes.get(id) {
+                registered.outbox.control(order.clone());
+            }
+        }
+        conns.len()
+    }
+
+    /// What changed in presence since the last call (presence.rs).
+    pub fn presence_changes(&self) -> Vec<UserRows> {
+        self.write().presence.take_changes()
+    }
+
+    /// Everything present now is written again at the next flush.
+    pub fn presence_rewrite(&self) {
+        self.write().presence.mark_all_dirty();
     }
 
     pub fn unsubscribe(&self, id: ConnId, topic: &str) {
@@ -113,8 +150,8 @@ impl Hub {
         {
             let maps = self.read();
             let mut push = |id: &ConnId, frames: &[Frame]| {
-                let Some(outbox) = maps.outboxes.get(id) else { return };
-                let pushed = outbox.push(frames);
+                let Some(registered) = maps.outboxes.get(id) else { return };
+                let pushed = registered.outbox.push(frames);
                 routed.delivered += pushed.queued as u64;
                 routed.fell_behind += u64::from(pushed.fell_behind);
             };
@@ -189,10 +226,15 @@ impl Hub {
 
 impl Maps {
     fn unsubscribe(&mut self, id: ConnId, topic: &str) {
-        if let Some(subscribers) = self.by_topic.get_mut(topic) {
-            subscribers.remove(&id);
-            if subscribers.is_empty() {
-                self.by_topic.remove(topic);
+        let Some(subscribers) = self.by_topic.get_mut(topic) else { return };
+        let removed = subscribers.remove(&id);
+        if subscribers.is_empty() {
+            self.by_topic.remove(topic);
+        }
+        if removed {
+            if let Some(registered) = self.outboxes.get(&id) {
+                let user = registered.user.clone();
+                self.presence.unsubscribed(&user, topic);
             }
         }
     }

@@ -22,6 +22,7 @@ pub mod hub;
 pub mod jwks;
 pub mod node;
 pub mod outbox;
+pub mod presence;
 pub mod protocol;
 pub mod relay;
 pub mod shutdown;

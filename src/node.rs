@@ -204,16 +204,21 @@ async fn run_database_side(
                 peers: r.peers.clone(),
                 node_id: r.node_id.clone(),
                 pools: pools.clone(),
+                hub: r.hub.clone(),
             };
             db::listen::run(session_db.clone(), listeners, readiness.clone(), s)
         })
     };
+    let presence = supervised(&relay, &shutdown, "presence", |r, s| async move {
+        let node_id = r.node_id.clone();
+        r.run_presence(&node_id, s).await
+    });
     let poll = supervised(&relay, &shutdown, "poll", |r, s| async move { r.run_poll(s).await });
     let retention = supervised(&relay, &shutdown, "retention", |r, s| async move { r.run_retention(s).await });
     let deliveries = supervised(&relay, &shutdown, "delivery", |r, s| async move { r.run_deliveries(s).await });
     let claims = supervised(&relay, &shutdown, "claim", |r, s| async move { r.run_claims(s).await });
     // Shutdown: wait for the pass in progress of each loop, and for the heartbeat to remove our row.
-    let _ = tokio::join!(claims, poll, retention, deliveries, heartbeat, listen);
+    let _ = tokio::join!(claims, poll, retention, deliveries, heartbeat, listen, presence);
 }
 
 /// Spawn `task` under `supervisor::supervise`, handing it the relay and a shutdown observer at every (re)start.

@@ -28,13 +28,26 @@ pub struct Outbox {
 
 struct State {
     frames: VecDeque<Frame>,
+    /// Orders from SQL (`nudge.disconnect`, `nudge.unsubscribe`), taken before any frame. Rare: empty, it does
+    /// not allocate.
+    control: Vec<Control>,
     /// A frame did not fit: live frames are refused until the connection has caught up from the table.
     behind: bool,
+}
+
+/// An order for one connection from a backend, through `nudge.disconnect()` / `nudge.unsubscribe()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// Send `revoked` with this message and close with 4003.
+    Revoke(String),
+    /// Drop the subscriptions matching this pattern (a topic, or a prefix ending in `*`).
+    Unsubscribe(String),
 }
 
 /// What the connection does next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Next {
+    Control(Control),
     Frame(Frame),
     /// The queue is drained and frames were refused meanwhile: catch up from the table, then rejoin.
     Behind,
@@ -54,7 +67,7 @@ const KEEP_CAPACITY: usize = 16;
 impl Outbox {
     pub fn new(capacity: usize) -> Self {
         Outbox {
-            state: Mutex::new(State { frames: VecDeque::new(), behind: false }),
+            state: Mutex::new(State { frames: VecDeque::new(), control: Vec::new(), behind: false }),
             queued: Notify::new(),
             capacity: capacity.max(1),
         }
@@ -96,6 +109,9 @@ impl Outbox {
             let queued = self.queued.notified();
             {
                 let mut state = self.lock();
+                if !state.control.is_empty() {
+                    return Next::Control(state.control.remove(0));
+                }
                 if let Some(frame) = state.frames.pop_front() {
                     if state.frames.is_empty() && state.frames.capacity() > KEEP_CAPACITY {
                         state.frames = VecDeque::new();
@@ -114,6 +130,12 @@ impl Outbox {
     /// done: every batch up to the cursor it reads was refused whole, every later one is queued.
     pub(crate) fn resume_live(&self) {
         self.lock().behind = false;
+    }
+
+    /// Queue an order for the connection (ahead of its frames) and wake it.
+    pub fn control(&self, order: Control) {
+        self.lock().control.push(order);
+        self.queued.notify_one();
     }
 
     /// Drop queued frames of `topic` (topic events only; personal events stay): called after the hub stopped

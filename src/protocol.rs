@@ -13,8 +13,10 @@ pub const CLOSE_UNAUTHORIZED: u16 = 4001;
 pub const CLOSE_TOO_LARGE: u16 = 1009;
 /// Closed because nudge is shutting down.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
-/// Closed because the client did not read fast enough and its outbound queue overflowed.
+/// Closed because the client read nothing for `NUDGE_WRITE_TIMEOUT` (or fell behind the retention).
 pub const CLOSE_TOO_SLOW: u16 = 1013;
+/// Closed because a backend called `nudge.disconnect()` for this user.
+pub const CLOSE_REVOKED: u16 = 4003;
 
 /// A client request, by its `type`.
 #[derive(Debug, Deserialize, PartialEq, Eq)]
@@ -95,6 +97,8 @@ pub enum ErrorCode {
     TokenExpired,
     TooLarge,
     RateLimited,
+    /// `nudge.disconnect()`: the connection is closed with 4003.
+    Revoked,
 }
 
 /// Replies and errors, i.e. every server frame except events.

@@ -468,6 +468,44 @@ impl Relay {
         }
     }
 
+    /// Write this node's presence rows (presence.rs) every `FLUSH_EVERY` while something changed; remove them on
+    /// a clean shutdown. A failed write marks everything for rewriting and is retried at the next flush.
+    pub async fn run_presence(&self, node_id: &str, mut shutdown: Shutdown) {
+        let mut tick = tokio::time::interval(crate::presence::FLUSH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Rows of an earlier process with this node id, and everything present now.
+        let mut cleared = false;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.triggered() => {
+                    let _ = events::within(&self.pool, self.statement_timeout, db::presence::clear(&self.pool, node_id)).await;
+                    return;
+                }
+            }
+            if !cleared {
+                match events::within(&self.pool, self.statement_timeout, db::presence::clear(&self.pool, node_id)).await
+                {
+                    Ok(()) => cleared = true,
+                    Err(e) => {
+                        tracing::debug!("presence: clearing old rows failed: {e}");
+                        continue;
+                    }
+                }
+                self.hub.presence_rewrite();
+            }
+            let changes = self.hub.presence_changes();
+            if changes.is_empty() {
+                continue;
+            }
+            let write = db::presence::write(&self.pool, node_id, &changes);
+            if let Err(e) = events::within(&self.pool, self.statement_timeout, write).await {
+                tracing::warn!("presence write failed, rewriting everything at the next flush: {e}");
+                self.hub.presence_rewrite();
+            }
+        }
+    }
+
     /// Record this node in `nudge.nodes` every few seconds; remove the row on a clean shutdown.
     pub async fn run_heartbeat(&self, node_id: &str, address: &str, mut shutdown: Shutdown) {
         let mut tick = tokio::time::interval(nodes::HEARTBEAT);
@@ -486,6 +524,10 @@ impl Relay {
             match events::within(&self.pool, self.statement_timeout, beat).await {
                 Ok(beat) => {
                     self.peers.heartbeat(seen, beat.others);
+                    if beat.inserted {
+                        // A new row: our presence rows are not there (first beat, or we were aged out).
+                        self.hub.presence_rewrite();
+                    }
                     self.metrics.lag_events.store(beat.lag_events, Ordering::Relaxed);
                     self.metrics.lag_millis.store((beat.lag_seconds * 1000.0) as i64, Ordering::Relaxed);
                 }

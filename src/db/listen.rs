@@ -1,6 +1,8 @@
-//! The LISTEN connection: a dedicated tokio-postgres session, driven with `poll_message`, on three channels:
+//! The LISTEN connection: a dedicated tokio-postgres session, driven with `poll_message`, on four channels:
 //! `nudge` (the insert trigger: rows are pending, claim them), `nudge_claimed` (some node claimed rows: read
-//! past the cursor) and `nudge_nodes` (a node's heartbeat: someone else may need our `nudge_claimed`).
+//! past the cursor), `nudge_nodes` (a node's heartbeat: someone else may need our `nudge_claimed`) and
+//! `nudge_control` (a backend called `nudge.disconnect()` or `nudge.unsubscribe()`: an order for this node's
+//! connections of one user, sql/0007_presence.sql).
 //!
 //! A notification only means "look": the passes find out what there is. Payloads are hints at most (the last
 //! seq a claim handed out, so a node reads only when someone else claimed; the announcing node's id). That is
@@ -29,7 +31,9 @@ use crate::wake::{DeliveryWakeups, Peers, Wakeups};
 pub const INSERTED: &str = "nudge";
 /// The channel every claim notifies when it commits (payload: the last seq it handed out).
 pub const CLAIMED: &str = "nudge_claimed";
-const LISTEN: &str = "LISTEN nudge; LISTEN nudge_claimed; LISTEN nudge_nodes";
+const LISTEN: &str = "LISTEN nudge; LISTEN nudge_claimed; LISTEN nudge_nodes; LISTEN nudge_control";
+/// Orders from SQL for the connections of one user.
+pub const CONTROL: &str = "nudge_control";
 /// The liveness probe: the cheapest statement with a round trip through the server.
 const PROBE: &str = "SELECT 1";
 
@@ -43,6 +47,33 @@ pub struct Listeners {
     pub node_id: String,
     /// Pools whose sessions are distrusted when the LISTEN session is lost (`db::distrust_sessions`).
     pub pools: Vec<Pool>,
+    /// Where `nudge_control` orders go.
+    pub hub: Arc<crate::hub::Hub>,
+}
+
+/// A `nudge_control` payload, as `nudge.disconnect()` / `nudge.unsubscribe()` write it.
+#[derive(serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Order {
+    Disconnect { user: String, reason: String },
+    Unsubscribe { user: String, pattern: String },
+}
+
+/// Hand an order to this node's connections of its user. An order nudge cannot read is logged and dropped: it
+/// came from the database, and the functions that write it are nudge's own.
+fn obey(hub: &crate::hub::Hub, payload: &str) {
+    use crate::outbox::Control;
+    match serde_json::from_str::<Order>(payload) {
+        Ok(Order::Disconnect { user, reason }) => {
+            let n = hub.control_user(&user, &Control::Revoke(reason));
+            tracing::info!(%user, connections = n, "disconnect ordered by nudge.disconnect()");
+        }
+        Ok(Order::Unsubscribe { user, pattern }) => {
+            let n = hub.control_user(&user, &Control::Unsubscribe(pattern.clone()));
+            tracing::info!(%user, %pattern, connections = n, "unsubscribe ordered by nudge.unsubscribe()");
+        }
+        Err(e) => tracing::warn!("ignoring a nudge_control notification nudge cannot read: {e}"),
+    }
 }
 
 /// Why a LISTEN session ended.
@@ -107,6 +138,7 @@ async fn listen_once(
                     Ok(last_seq) => wakeups.deliveries.claimed(last_seq),
                     Err(_) => wakeups.deliveries.look(),
                 },
+                Some(Ok(AsyncMessage::Notification(n))) if n.channel() == CONTROL => obey(&wakeups.hub, n.payload()),
                 Some(Ok(AsyncMessage::Notification(n))) if n.channel() == nodes::ANNOUNCE => {
                     if n.payload() != wakeups.node_id {
                         wakeups.peers.announced();

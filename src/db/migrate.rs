@@ -22,6 +22,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 4, name: "0004_topic_check.sql", sql: include_str!("../../sql/0004_topic_check.sql") },
     Migration { version: 5, name: "0005_claim_by_key.sql", sql: include_str!("../../sql/0005_claim_by_key.sql") },
     Migration { version: 6, name: "0006_safe_rows.sql", sql: include_str!("../../sql/0006_safe_rows.sql") },
+    Migration { version: 7, name: "0007_presence.sql", sql: include_str!("../../sql/0007_presence.sql") },
 ];
 
 /// Advisory lock key: "nudge" in ASCII, so it is recognisable in `pg_locks`.

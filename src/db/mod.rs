@@ -15,6 +15,7 @@ pub mod gate;
 pub mod listen;
 pub mod migrate;
 pub mod nodes;
+pub mod presence;
 pub mod tls;
 
 use std::str::FromStr;

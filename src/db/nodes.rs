@@ -22,6 +22,9 @@ pub const ANNOUNCE: &str = "nudge_nodes";
 pub struct Beat {
     /// Whether any other node is alive.
     pub others: bool,
+    /// This node's row was inserted, not refreshed: new, or aged out by others while it stalled. Its presence
+    /// rows went with it and must be written again.
+    pub inserted: bool,
     /// Claimed events past this node's cursor.
     pub lag_events: i64,
     /// Seconds since the oldest of them was claimed (0 when none).
@@ -37,13 +40,13 @@ pub async fn heartbeat(
     cursor: i64,
 ) -> Result<Beat, QueryError> {
     let client = pool.get().await?;
-    client
-        .query_typed(
+    let me = client
+        .query_typed_one(
             "WITH me AS (INSERT INTO nudge.nodes (id, address, started_at, heartbeat_at, connections, cursor) \
              VALUES ($1, $2, now(), now(), $3, $4) \
              ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), address = EXCLUDED.address, \
-             connections = EXCLUDED.connections, cursor = EXCLUDED.cursor RETURNING id) \
-             SELECT pg_notify($5, id) FROM me",
+             connections = EXCLUDED.connections, cursor = EXCLUDED.cursor RETURNING id, (xmax = 0) AS inserted) \
+             SELECT pg_notify($5, id), inserted FROM me",
             &[
                 (&id, Type::TEXT),
                 (&address, Type::TEXT),
@@ -53,9 +56,13 @@ pub async fn heartbeat(
             ],
         )
         .await?;
+    // Dead nodes go, and their presence rows with them (the views already ignore them after 15 s).
     client
         .query_typed(
-            "DELETE FROM nudge.nodes WHERE heartbeat_at < now() - make_interval(secs => $1)",
+            "WITH gone AS (DELETE FROM nudge.nodes WHERE heartbeat_at < now() - make_interval(secs => $1) \
+               RETURNING id), \
+             u AS (DELETE FROM nudge.presence_users WHERE node_id IN (SELECT id FROM gone)) \
+             DELETE FROM nudge.presence_topics WHERE node_id IN (SELECT id FROM gone)",
             &[(&STALE.as_secs_f64(), Type::FLOAT8)],
         )
         .await?;
@@ -67,7 +74,7 @@ pub async fn heartbeat(
         )
         .await?;
     let lag = client.query_typed_one(LAG, &[(&cursor, Type::INT8)]).await?;
-    Ok(Beat { others: others.get(0), lag_events: lag.get(0), lag_seconds: lag.get(1) })
+    Ok(Beat { others: others.get(0), inserted: me.get(1), lag_events: lag.get(0), lag_seconds: lag.get(1) })
 }
 
 /// A cursor's lag behind the cluster: events claimed past it, and seconds since the first of them was claimed
