@@ -130,6 +130,8 @@ pub struct Metrics {
     pub rejected: AtomicU64,
     pub deleted: AtomicU64,
     pub connections_opened: AtomicU64,
+    /// Presence flushes written (two statements each).
+    pub presence_writes: AtomicU64,
     /// Supervised tasks restarted after they ended or panicked.
     pub task_restarts: AtomicU64,
     /// Claimed events this node has not routed yet (cluster's last seq minus its cursor), as of the last
@@ -178,6 +180,11 @@ impl Metrics {
         );
         counter("nudge_events_deleted_total", "Processed events deleted by retention.", get(&self.deleted));
         counter("nudge_connections_opened_total", "Authenticated connections opened.", get(&self.connections_opened));
+        counter(
+            "nudge_presence_writes_total",
+            "Presence flushes written to nudge.presence_users/presence_topics (two statements each).",
+            get(&self.presence_writes),
+        );
         counter(
             "nudge_task_restarts_total",
             "Long-running tasks (claim, delivery, LISTEN, poll, retention, heartbeat) restarted after they ended or panicked.",

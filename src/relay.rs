@@ -499,9 +499,12 @@ impl Relay {
                 continue;
             }
             let write = db::presence::write(&self.pool, node_id, &changes);
-            if let Err(e) = events::within(&self.pool, self.statement_timeout, write).await {
-                tracing::warn!("presence write failed, rewriting everything at the next flush: {e}");
-                self.hub.presence_rewrite();
+            match events::within(&self.pool, self.statement_timeout, write).await {
+                Ok(()) => _ = self.metrics.presence_writes.fetch_add(1, Ordering::Relaxed),
+                Err(e) => {
+                    tracing::warn!("presence write failed, rewriting everything at the next flush: {e}");
+                    self.hub.presence_rewrite();
+                }
             }
         }
     }
