@@ -65,6 +65,17 @@ async fn demo_runs_the_comment_thread_end_to_end_and_cleans_up() {
     let personal = bob.recv_type("event").await;
     assert_eq!(personal["data"], json!({"from": "alice"}));
 
+    // Who is online, from nudge.presence; disconnecting bob closes his tab with 4003.
+    eventually!(
+        Duration::from_secs(3),
+        "bob listed online",
+        demo.get("/demo/online").await.1.contains("\"user\":\"bob\"")
+    );
+    let (status, _) = http_post(demo.port, "/demo/disconnect", &json!({"user": "bob"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(bob.recv_type("error").await["code"], "revoked");
+    assert_eq!(bob.expect_close(SOON).await.0, 4003);
+
     // Bad input to the demo API is a clear 400, not a crash.
     let (status, body) = http_post(demo.port, "/demo/posts/7/comments", &json!({"author": "alice", "body": ""})).await;
     assert_eq!(status, 400);

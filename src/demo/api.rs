@@ -50,6 +50,11 @@ struct NudgeBody {
 }
 
 #[derive(Deserialize)]
+struct DisconnectBody {
+    user: String,
+}
+
+#[derive(Deserialize)]
 struct After {
     #[serde(default)]
     after: i64,
@@ -95,10 +100,33 @@ pub fn routes(pool: Pool, secret: Arc<str>) -> BoxedFilter<(Response,)> {
     let nudge = warp::path!("demo" / "nudge")
         .and(warp::post())
         .and(json_body::<NudgeBody>())
-        .and(with_pool)
+        .and(with_pool.clone())
         .then(|body: NudgeBody, pool: Pool| async move { respond(nudge_user(&pool, body).await) });
+    let online = warp::path!("demo" / "online")
+        .and(warp::get())
+        .and(with_pool.clone())
+        .then(|pool: Pool| async move { respond(who_is_online(&pool).await) });
+    let disconnect = warp::path!("demo" / "disconnect")
+        .and(warp::post())
+        .and(json_body::<DisconnectBody>())
+        .and(with_pool)
+        .then(|body: DisconnectBody, pool: Pool| async move { respond(disconnect_user(&pool, body).await) });
 
-    page.or(client).unify().or(token).unify().or(list).unify().or(add).unify().or(nudge).unify().boxed()
+    page.or(client)
+        .unify()
+        .or(token)
+        .unify()
+        .or(list)
+        .unify()
+        .or(add)
+        .unify()
+        .or(nudge)
+        .unify()
+        .or(online)
+        .unify()
+        .or(disconnect)
+        .unify()
+        .boxed()
 }
 
 /// A JSON request body of at most 8 KiB.
@@ -164,6 +192,31 @@ async fn nudge_user(pool: &Pool, body: NudgeBody) -> ApiResult {
         .map_err(internal)?
         .get(0);
     Ok(json!({ "event_id": id }))
+}
+
+/// Who is online, as a backend asks it: `nudge.presence`.
+async fn who_is_online(pool: &Pool) -> ApiResult {
+    let client = pool.get().await.map_err(internal)?;
+    let rows = client
+        .query("SELECT user_id, connections FROM nudge.presence ORDER BY user_id LIMIT 100", &[])
+        .await
+        .map_err(internal)?;
+    let users: Vec<_> =
+        rows.iter().map(|r| json!({ "user": r.get::<_, String>(0), "connections": r.get::<_, i32>(1) })).collect();
+    Ok(json!({ "online": users }))
+}
+
+/// Revoke a user's connections, as a backend does when a session is revoked: `nudge.disconnect()`.
+async fn disconnect_user(pool: &Pool, body: DisconnectBody) -> ApiResult {
+    if !valid_user(&body.user) {
+        return Err((StatusCode::BAD_REQUEST, "user must be a user name".into()));
+    }
+    let client = pool.get().await.map_err(internal)?;
+    client
+        .execute("SELECT nudge.disconnect($1, 'disconnected from the demo page')", &[&body.user])
+        .await
+        .map_err(internal)?;
+    Ok(json!({ "disconnected": body.user }))
 }
 
 fn valid_user(user: &str) -> bool {
