@@ -39,8 +39,6 @@ pub const RESUME_LIMIT: i64 = 1000;
 /// A `resume` whose replay (waiting for a connection of the replay pool included) takes longer answers
 /// `complete: false` with what it has not got: the client refetches rather than waits.
 const RESUME_DEADLINE: Duration = Duration::from_secs(4);
-/// Events one catch-up query reads; a catch-up repeats it until it reaches the cursor.
-const CATCH_UP_BATCH: i64 = 1000;
 
 /// What every connection needs from the rest of nudge.
 pub struct Shared {
@@ -431,6 +429,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 protocol::encode_text_frame(&mut batch, frame.text.as_bytes());
             }
         }
+        self.write_encoded(&batch).await
+    }
+
+    /// Write frames already encoded into one buffer with one `write()`, after whatever tungstenite holds.
+    async fn write_encoded(&mut self, batch: &[u8]) -> Step {
         if batch.is_empty() {
             return Step::Continue;
         }
@@ -441,7 +444,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Ok(Err(e)) => return Step::Gone(format!("write failed: {e}")),
             Err(_) => return not_reading(),
         }
-        match write_with_progress(self.ws.get_mut(), &batch, limit).await {
+        match write_with_progress(self.ws.get_mut(), batch, limit).await {
             Ok(()) => Step::Continue,
             Err(Stalled::Io(e)) => Step::Gone(format!("write failed: {e}")),
             // Nothing of this batch went out: the stream is at a frame boundary, a close frame is still valid.
@@ -471,10 +474,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
             let topics: Vec<&str> = session.topics.iter().map(|t| &**t).collect();
             let user = session.identity.user.clone();
+            // At most a queue's worth per query: a connection behind holds no more than one that is not.
+            let batch = self.shared.limits.outbound_queue.max(1) as i64;
             let replay = events::within(
                 &self.shared.replay_pool,
                 self.shared.statement_timeout,
-                events::replay(&self.shared.replay_pool, &user, &topics, since, until, CATCH_UP_BATCH),
+                events::replay(&self.shared.replay_pool, &user, &topics, since, until, batch),
             )
             .await;
             drop(topics);
@@ -555,11 +560,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         };
         events.retain(|event| !already_sent.contains(&event.seq));
         let replayed = events.len();
+        // One buffer, one write(): a storm of resumes must not cost a system call per replayed event.
+        let mut batch = Vec::new();
         for event in &events {
-            let frame = crate::hub::encode(event, None);
-            if let Err(e) = self.write(Message::Text(frame.text)).await {
-                return Step::Gone(format!("write failed: {e}"));
-            }
+            protocol::encode_text_frame(&mut batch, crate::hub::encode(event, None).text.as_bytes());
+        }
+        if let step @ (Step::Close { .. } | Step::Gone(_)) = self.write_encoded(&batch).await {
+            return step;
         }
         if let Some(session) = &mut self.session {
             session.last_sent_seq = session.last_sent_seq.max(skip_through);

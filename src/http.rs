@@ -96,6 +96,7 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>, tls: Option<TlsAc
             }
         };
         let _ = stream.set_nodelay(true);
+        set_notsent_lowat(&stream);
         let service = service.clone();
         let tls = tls.clone();
         let limits = server.http_limits.clone();
@@ -131,6 +132,25 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>, tls: Option<TlsAc
         });
     }
 }
+
+/// How much unsent data the kernel keeps queued for a client before the socket stops being writable.
+///
+/// Why: without it Linux grows a busy socket's send buffer to megabytes and reports it writable again only once
+/// half of what is queued has gone, so a client reading slowly but steadily (20 frames/s of 3 KB) looked as if
+/// it read nothing for longer than `NUDGE_WRITE_TIMEOUT` and was closed. With a low-water mark, writability, and
+/// therefore "progress", comes back every 128 KiB the client reads; it also keeps a slow client's backlog in
+/// nudge's bounded queue (and in the table) instead of in kernel memory.
+const NOTSENT_LOWAT: u32 = 128 * 1024;
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn set_notsent_lowat(stream: &tokio::net::TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(NOTSENT_LOWAT) {
+        tracing::debug!("TCP_NOTSENT_LOWAT not set: {e}");
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn set_notsent_lowat(_: &tokio::net::TcpStream) {}
 
 /// Connections refused at accept are logged at most every `REFUSALS_LOGGED_EVERY`, so that a flood of them
 /// cannot flood the log too.
