@@ -23,7 +23,9 @@
 //!   topics, before nudge starts (storm.rs); nothing else.
 //! - `storm` (P14): one live client receives targeted events at `--rate` while, in each of `--storm-rounds`
 //!   rounds, `--duration` of calm is followed by `--storm` clients that connect, subscribe and `resume` from 0 at
-//!   once over that history. The live client's latency is reported for the calm and the storm phases apart.
+//!   once over that history. The live client's latency is reported for the calm and the storm phases apart, by
+//!   commit time: a storm phase lasts from the first connect until the last client has its `resumed` and has
+//!   closed; the half second after it counts for neither.
 //!
 //! `--slow-readers K` (P13) makes K connections read one event frame, then wait 1 / `--slow-rate`: clients that
 //! fall behind without stopping. They are counted apart (`slow_readers`); after producing they read at full speed
@@ -636,10 +638,11 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
                 tokio::time::sleep(args.duration).await;
                 let storm_start = now_us();
                 phases.push((calm, storm_start));
+                // Until the last client has its reply and has closed (each closes as soon as it has it).
                 let round = storm::round(&targets[0], &secret, layout, args.storm, r).await;
-                // The clients closed as they got their reply: half a second for that to settle is storm too.
-                tokio::time::sleep(Duration::from_millis(500)).await;
                 phases.push((storm_start, now_us()));
+                // Half a second in neither phase, so that no calm phase starts with the storm's tail.
+                tokio::time::sleep(Duration::from_millis(500)).await;
                 eprintln!(
                     "nudge-bench: storm {}: {} of {} resumed ({} complete) in at most {:.0} ms; {} failed",
                     r + 1,
