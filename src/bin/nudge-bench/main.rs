@@ -135,6 +135,10 @@ pub struct Args {
     /// Event frames per second each slow reader reads.
     #[arg(long, default_value_t = 20.0)]
     slow_rate: f64,
+    /// SO_RCVBUF of each slow reader's socket (the kernel doubles it), so that what it has not read waits in
+    /// nudge rather than in the client's kernel; 0 = the kernel's default with autotuning (megabytes on loopback).
+    #[arg(long, default_value_t = 4096)]
+    slow_rcvbuf: u32,
     /// Pad each event's `data` to about this many bytes (targeted, topic, produce modes; at most 4096, nudge's
     /// limit). 0: `{"bench": true}`.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=4096))]
@@ -225,6 +229,7 @@ fn plan(args: &Args, index: usize, count: usize) -> Plan {
         stalled: args.stalled,
         slow_readers: args.slow_readers,
         slow_rate: args.slow_rate,
+        slow_rcvbuf: args.slow_rcvbuf,
         source_ips: args.source_ips,
         ports: worker::local_ports(),
         range: index * n / count..(index + 1) * n / count,
@@ -452,6 +457,27 @@ fn latency_json(pairs: &[&[(u64, u64)]]) -> serde_json::Value {
     })
 }
 
+/// Read the nodes' slow-consumer counters every second and note each change with its time (seconds since the
+/// watch started, about when producing started): when connections fell behind, when any was closed as slow.
+async fn watch_metrics(urls: Vec<String>, timeline: Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+    const WATCHED: [&str; 2] = ["nudge_connections_behind_total", "nudge_slow_consumers_total"];
+    let started = tokio::time::Instant::now();
+    let mut last = None;
+    loop {
+        let metrics = scrape_metrics(&urls).await;
+        let now: Vec<f64> = WATCHED.iter().map(|name| metrics.get(*name).copied().unwrap_or(0.0)).collect();
+        if last.as_ref() != Some(&now) {
+            let mut entry = json!({"at_s": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0});
+            for (name, value) in WATCHED.iter().zip(&now) {
+                entry[*name] = json!(value);
+            }
+            timeline.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
+            last = Some(now);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// nudge's counters from each node's /metrics (the --url's host and port), summed over the nodes. Plain HTTP/1.0
 /// over a socket: the bench has no HTTP client, and the exposition format is lines of `name value`.
 async fn scrape_metrics(urls: &[String]) -> BTreeMap<String, f64> {
@@ -547,6 +573,9 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
 
     let database_url = args.database_url.clone().unwrap_or_default();
     let mut slow_report = None;
+    // With --scrape-metrics, when the slow-consumer counters moved: every second, from here to the end.
+    let timeline: Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let watcher = args.scrape_metrics.then(|| tokio::spawn(watch_metrics(args.urls.clone(), timeline.clone())));
     // Storm mode: alternating calm and storm phases (start, end), and each storm's outcome.
     let (mut phases, mut rounds) = (Vec::new(), Vec::new());
     let produced = match args.mode {
@@ -700,6 +729,10 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
     let rss_kib = server_rss_kib(&args.server_pids);
     let cpu_after = server_cpu(&args.server_pids);
     let server_metrics = if args.scrape_metrics { Some(scrape_metrics(&args.urls).await) } else { None };
+    let metrics_timeline = watcher.map(|watcher| {
+        watcher.abort();
+        std::mem::take(&mut *timeline.lock().unwrap_or_else(|e| e.into_inner()))
+    });
 
     let summaries = finish(handles, &produced.commits, &phases).await?;
     let mut latency = new_histogram();
@@ -859,6 +892,7 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
         "slow_readers": slow_report,
         "storm": storm_report,
         "server_metrics": server_metrics,
+        "server_metrics_timeline": metrics_timeline,
     }))
 }
 

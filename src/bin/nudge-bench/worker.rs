@@ -50,6 +50,8 @@ pub struct Plan {
     /// Connections (spread evenly, as the stalled ones) that read one event frame, then wait 1 / `slow_rate`.
     pub slow_readers: usize,
     pub slow_rate: f64,
+    /// SO_RCVBUF of the slow readers' sockets; 0 leaves the kernel's default (and its autotuning).
+    pub slow_rcvbuf: u32,
     pub source_ips: usize,
     /// The local port range to take source ports from (`local_ports`).
     pub ports: (u16, u16),
@@ -454,7 +456,7 @@ fn open_socket(
     plan: &Plan,
     target: &Target,
     i: usize,
-    stalled: bool,
+    rcvbuf: Option<u32>,
     explicit_port: bool,
 ) -> Result<TcpSocket, String> {
     let fail = |e: std::io::Error| format!("{}: {e}", target.url);
@@ -463,11 +465,11 @@ fn open_socket(
     // TIME_WAIT for 60 s holding its port, and the next run's binds would collide with tens of thousands of
     // them. The server sees a reset when the run is over, which it must cope with anyway.
     socket.set_zero_linger().map_err(fail)?;
-    if stalled {
+    if let Some(size) = rcvbuf {
         // A client that stops reading (or reads slowly): with a small receive buffer the stall reaches nudge's outbound queue after
         // kilobytes rather than the megabytes loopback autotuning would buffer first, so a short run shows how
         // nudge handles it.
-        socket.set_recv_buffer_size(4096).map_err(fail)?;
+        socket.set_recv_buffer_size(size).map_err(fail)?;
     }
     let loopback_v4 = matches!(target.addr.ip(), IpAddr::V4(ip) if ip.is_loopback());
     if plan.source_ips > 1 && !loopback_v4 {
@@ -487,7 +489,7 @@ fn open_socket(
             }
             // Held by another process: a fresh socket without SO_REUSEADDR, so that the kernel's port is one
             // nobody else holds.
-            return open_socket(plan, target, i, stalled, false);
+            return open_socket(plan, target, i, rcvbuf, false);
         }
         // More connections than the range has ports, or the retry after a collision: the kernel's choice.
         socket.bind(SocketAddr::new(IpAddr::V4(source), 0)).map_err(fail)?;
@@ -502,13 +504,19 @@ async fn connect(plan: &Plan, targets: &[Target], i: usize) -> Result<Ws, String
     let fail = |e: std::io::Error| format!("{}: {e}", target.url);
     // Stalled and slow readers get a small receive buffer (open_socket): what they do not read reaches nudge's
     // queue after kilobytes, not after the megabytes loopback autotuning buffers (tcp_rmem allows 32 MiB here).
-    let stalled = is_stalled(i, plan.connections, plan.stalled) || is_stalled(i, plan.connections, plan.slow_readers);
+    let rcvbuf = if is_stalled(i, plan.connections, plan.stalled) {
+        Some(4096)
+    } else if is_stalled(i, plan.connections, plan.slow_readers) && plan.slow_rcvbuf > 0 {
+        Some(plan.slow_rcvbuf)
+    } else {
+        None
+    };
     let handshake = async {
-        let stream = match open_socket(plan, target, i, stalled, true)?.connect(target.addr).await {
+        let stream = match open_socket(plan, target, i, rcvbuf, true)?.connect(target.addr).await {
             // The port we chose is taken for this destination by some other process's socket (SO_REUSEADDR let
             // both bind it): let the kernel pick one instead.
             Err(first) if matches!(first.kind(), ErrorKind::AddrNotAvailable | ErrorKind::AddrInUse) => {
-                let retry = open_socket(plan, target, i, stalled, false)?.connect(target.addr).await;
+                let retry = open_socket(plan, target, i, rcvbuf, false)?.connect(target.addr).await;
                 retry.map_err(|e| std::io::Error::new(e.kind(), format!("{e} (first try, own port: {first})")))
             }
             other => other,
