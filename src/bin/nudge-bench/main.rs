@@ -164,6 +164,10 @@ pub struct Args {
     /// Read the nodes' /metrics at the end (same host and port as --url) and report nudge's counters.
     #[arg(long)]
     scrape_metrics: bool,
+    /// Targeted and topic modes: also report the latency of the events committed in each interval of this length
+    /// (`latency_timeline`), to see when during a run it moved.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    latency_every: Option<Duration>,
     /// Produce mode: the table to INSERT into (same columns as nudge.events).
     #[arg(long, default_value = "nudge.events")]
     table: String,
@@ -632,6 +636,11 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
                     "drain_s": drain.elapsed().as_secs_f64(),
                 }));
             }
+            if let Some(every) = args.latency_every.filter(|e| !e.is_zero()) {
+                let step = every.as_micros() as u64;
+                let end = out.started_us + (out.secs * 1e6) as u64;
+                phases = (out.started_us..end).step_by(step as usize).map(|at| (at, at + step)).collect();
+            }
             Produced {
                 events: out.events,
                 events_per_s: out.events as f64 / out.secs.max(1e-9),
@@ -857,6 +866,18 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
             }).collect::<Vec<_>>(),
         })
     });
+    let latency_timeline = (args.mode != Mode::Storm && !phases.is_empty()).then(|| {
+        let start = phases.first().map_or(0, |p| p.0);
+        (0..phases.len())
+            .map(|i| {
+                let parts: Vec<&[(u64, u64)]> =
+                    summaries.iter().filter_map(|s| s.phases.get(i).map(Vec::as_slice)).collect();
+                let mut entry = latency_json(&parts);
+                entry["at_s"] = json!((phases[i].0 - start) as f64 / 1e6);
+                entry
+            })
+            .collect::<Vec<_>>()
+    });
     Ok(json!({
         "nodes": args.urls.len(),
         "mode": format!("{:?}", args.mode).to_lowercase(),
@@ -893,6 +914,7 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
         "storm": storm_report,
         "server_metrics": server_metrics,
         "server_metrics_timeline": metrics_timeline,
+        "latency_timeline": latency_timeline,
     }))
 }
 
