@@ -19,6 +19,17 @@
 //!   second and latency from that COMMIT until every row has arrived.
 //! - `produce` (P8): writers INSERT into `--table` and nothing else; the producer's ceiling.
 //! - `saturate` (P5): against `nudge-ceiling`: one `wakeup`, then count the broadcast frames per connection.
+//! - `history` (P14): fill an empty `nudge.events` with `--history` delivered events spread over many users and
+//!   topics, before nudge starts (storm.rs); nothing else.
+//! - `storm` (P14): one live client receives targeted events at `--rate` while, in each of `--storm-rounds`
+//!   rounds, `--duration` of calm is followed by `--storm` clients that connect, subscribe and `resume` from 0 at
+//!   once over that history. The live client's latency is reported for the calm and the storm phases apart, by
+//!   commit time: a storm phase lasts from the first connect until the last client has its `resumed` and has
+//!   closed; the half second after it counts for neither.
+//!
+//! `--slow-readers K` (P13) makes K connections read one event frame, then wait 1 / `--slow-rate`: clients that
+//! fall behind without stopping. They are counted apart (`slow_readers`); after producing they read at full speed
+//! until every event has arrived or `--grace` passes without one.
 //!
 //! `--workers K` splits the connections over K processes of this same executable (remote.rs): one process runs
 //! out of file descriptors (and one source address out of ephemeral ports) long before nudge does.
@@ -26,16 +37,18 @@
 mod produce;
 mod remote;
 mod stats;
+mod storm;
 mod worker;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use serde_json::json;
 
-use crate::produce::{insert_backlog, produce, Window, Writers};
+use crate::produce::{event_data, insert_backlog, produce, Window, Writers};
 use crate::remote::{RemoteWorker, ToWorker};
 use crate::stats::{
     log_buckets_ms, new_histogram, now_us, percentile_ms, raise_nofile_limit, server_cpu, server_rss_kib, CommitTable,
@@ -56,6 +69,10 @@ pub enum Mode {
     Produce,
     /// Against the socket-ceiling server: one `wakeup`, then count its broadcast per connection.
     Saturate,
+    /// Fill an empty nudge.events with `--history` delivered events (before nudge starts), then exit.
+    History,
+    /// A live client at `--rate` targeted events/s; rounds of calm and of `--storm` clients resuming from 0.
+    Storm,
 }
 
 #[derive(Debug, Parser)]
@@ -110,9 +127,47 @@ pub struct Args {
     /// This many connections (spread evenly) stop reading right after subscribing; their events are not expected.
     #[arg(long, default_value_t = 0)]
     stalled: usize,
+    /// This many connections (spread evenly) read one event frame, then wait 1 / --slow-rate: clients that keep
+    /// reading, slower than events arrive. Counted apart; after producing they read at full speed until every
+    /// event has arrived (or --grace passes without one). One process only (--workers 1).
+    #[arg(long, default_value_t = 0)]
+    slow_readers: usize,
+    /// Event frames per second each slow reader reads.
+    #[arg(long, default_value_t = 20.0)]
+    slow_rate: f64,
+    /// SO_RCVBUF of each slow reader's socket (the kernel doubles it), so that what it has not read waits in
+    /// nudge rather than in the client's kernel; 0 = the kernel's default with autotuning (megabytes on loopback).
+    #[arg(long, default_value_t = 4096)]
+    slow_rcvbuf: u32,
+    /// Pad each event's `data` to about this many bytes (targeted, topic, produce modes; at most 4096, nudge's
+    /// limit). 0: `{"bench": true}`.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=4096))]
+    data_bytes: u32,
     /// Backlog mode: rows inserted before measuring.
     #[arg(long, default_value_t = 100_000)]
     backlog: u64,
+    /// History and storm modes: delivered events in the history (seqs 1..=N).
+    #[arg(long, default_value_t = 1_000_000)]
+    history: u64,
+    /// History and storm modes: users the history's personal events (3 in 5) are spread over (`h0`, `h1`, …).
+    #[arg(long, default_value_t = 20_000)]
+    history_users: u64,
+    /// History and storm modes: topics the history's topic events (2 in 5) are spread over (`t0`, `t1`, …).
+    #[arg(long, default_value_t = 2_000)]
+    history_topics: u64,
+    /// Storm mode: clients per storm; each is user `h{k}` on two topics and resumes from 0.
+    #[arg(long, default_value_t = 200)]
+    storm: usize,
+    /// Storm mode: rounds of calm (--duration) then storm.
+    #[arg(long, default_value_t = 3)]
+    storm_rounds: usize,
+    /// Read the nodes' /metrics at the end (same host and port as --url) and report nudge's counters.
+    #[arg(long)]
+    scrape_metrics: bool,
+    /// Targeted and topic modes: also report the latency of the events committed in each interval of this length
+    /// (`latency_timeline`), to see when during a run it moved.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    latency_every: Option<Duration>,
     /// Produce mode: the table to INSERT into (same columns as nudge.events).
     #[arg(long, default_value = "nudge.events")]
     table: String,
@@ -172,9 +227,13 @@ fn plan(args: &Args, index: usize, count: usize) -> Plan {
         urls: args.urls.clone(),
         // Saturate mode's server ignores the token, so any secret signs it.
         secret: args.secret.clone().unwrap_or_else(|| "nudge-bench-unused-secret".into()),
-        mode: args.mode,
+        // The storm's live client is an ordinary targeted connection; its storm clients are storm.rs's own.
+        mode: if args.mode == Mode::Storm { Mode::Targeted } else { args.mode },
         connections: n,
         stalled: args.stalled,
+        slow_readers: args.slow_readers,
+        slow_rate: args.slow_rate,
+        slow_rcvbuf: args.slow_rcvbuf,
         source_ips: args.source_ips,
         ports: worker::local_ports(),
         range: index * n / count..(index + 1) * n / count,
@@ -183,6 +242,37 @@ fn plan(args: &Args, index: usize, count: usize) -> Plan {
 }
 
 fn validate(args: &Args) -> Result<(), String> {
+    if args.mode == Mode::History {
+        if args.database_url.is_none() {
+            return Err("--database-url (or NUDGE_DATABASE_URL) is required in history mode".into());
+        }
+        if args.history == 0 || args.history_users == 0 || args.history_topics < 2 {
+            return Err("--history and --history-users must be positive, --history-topics at least 2".into());
+        }
+        return Ok(());
+    }
+    if args.mode == Mode::Storm {
+        if args.workers != 1 || args.connections != 1 || args.urls.len() != 1 {
+            return Err("storm mode: one live connection (--connections 1), one process, one --url".into());
+        }
+        if args.storm == 0 || args.storm_rounds == 0 || args.rate <= 0.0 {
+            return Err("storm mode needs --storm, --storm-rounds and --rate above 0".into());
+        }
+        if args.history_users == 0 || args.history_topics < 2 {
+            return Err("--history-users must be positive, --history-topics at least 2".into());
+        }
+    }
+    if args.slow_readers > 0 {
+        if args.workers != 1 || args.stalled > 0 || args.mode != Mode::Topic {
+            return Err("--slow-readers: topic mode, --workers 1, no --stalled".into());
+        }
+        if args.slow_readers >= args.connections {
+            return Err("--slow-readers: at least one connection must read at full speed".into());
+        }
+        if !(args.slow_rate > 0.0 && args.slow_rate.is_finite()) {
+            return Err("--slow-rate must be positive".into());
+        }
+    }
     if args.connections == 0 && args.mode != Mode::Produce {
         return Err("--connections 0 only makes sense in produce mode".into());
     }
@@ -266,7 +356,18 @@ impl Handle {
     }
 
     fn received(&self) -> u64 {
-        self.progress().received.load(std::sync::atomic::Ordering::Relaxed)
+        self.progress().received.load(Ordering::Relaxed)
+    }
+
+    fn slow_received(&self) -> u64 {
+        self.progress().slow_received.load(Ordering::Relaxed)
+    }
+
+    /// Let the slow readers read at full speed (they exist only with one, local, worker).
+    fn unthrottle(&self) {
+        if let Handle::Local(worker) = self {
+            worker.unthrottle();
+        }
     }
 
     async fn wakeup(&mut self) -> Result<(), String> {
@@ -279,7 +380,7 @@ impl Handle {
 
 /// Stop every worker and collect its summary. Children read the commit times from a file: one write, however
 /// many workers, and nothing large crosses a pipe.
-async fn finish(handles: Vec<Handle>, commits: &[(i64, u64)]) -> Result<Vec<Summary>, String> {
+async fn finish(handles: Vec<Handle>, commits: &[(i64, u64)], phases: &[(u64, u64)]) -> Result<Vec<Summary>, String> {
     let mut path = None;
     if handles.iter().any(|h| matches!(h, Handle::Remote(_))) && !commits.is_empty() {
         let file = std::env::temp_dir().join(format!("nudge-bench-{}-commits.bin", std::process::id()));
@@ -290,7 +391,7 @@ async fn finish(handles: Vec<Handle>, commits: &[(i64, u64)]) -> Result<Vec<Summ
     let mut remotes = Vec::new();
     for handle in handles {
         match handle {
-            Handle::Local(worker) => summaries.push(worker.finish(&CommitTable::new(commits)).await),
+            Handle::Local(worker) => summaries.push(worker.finish(&CommitTable::new(commits), phases).await),
             Handle::Remote(mut remote) => {
                 remote.send(&ToWorker::Finish { commits: path.clone() })?;
                 remotes.push(remote);
@@ -330,18 +431,95 @@ fn received(handles: &[Handle]) -> u64 {
 
 /// Wait until `expected` event frames have been read, or until `quiet` passes without a new one.
 async fn wait_for(handles: &[Handle], expected: u64, quiet: Duration) {
-    let (mut last, mut last_change) = (received(handles), tokio::time::Instant::now());
+    wait_until(|| received(handles), expected, quiet).await;
+}
+
+/// Wait until `count()` reaches `expected`, or until `quiet` passes without it changing.
+async fn wait_until(count: impl Fn() -> u64, expected: u64, quiet: Duration) {
+    let (mut last, mut last_change) = (count(), tokio::time::Instant::now());
     while last < expected && last_change.elapsed() < quiet {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let now = received(handles);
+        let now = count();
         if now != last {
             (last, last_change) = (now, tokio::time::Instant::now());
         }
     }
 }
 
+/// The latency figures of one histogram given as (µs, count) pairs.
+fn latency_json(pairs: &[&[(u64, u64)]]) -> serde_json::Value {
+    let mut h = new_histogram();
+    for &(value, count) in pairs.iter().copied().flatten() {
+        h.saturating_record_n(value, count);
+    }
+    json!({
+        "count": h.len(),
+        "p50": percentile_ms(&h, 0.50),
+        "p90": percentile_ms(&h, 0.90),
+        "p99": percentile_ms(&h, 0.99),
+        "max": percentile_ms(&h, 1.0),
+    })
+}
+
+/// Read the nodes' slow-consumer counters every second and note each change with its time (seconds since the
+/// watch started, about when producing started): when connections fell behind, when any was closed as slow.
+async fn watch_metrics(urls: Vec<String>, timeline: Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+    const WATCHED: [&str; 2] = ["nudge_connections_behind_total", "nudge_slow_consumers_total"];
+    let started = tokio::time::Instant::now();
+    let mut last = None;
+    loop {
+        let metrics = scrape_metrics(&urls).await;
+        let now: Vec<f64> = WATCHED.iter().map(|name| metrics.get(*name).copied().unwrap_or(0.0)).collect();
+        if last.as_ref() != Some(&now) {
+            let mut entry = json!({"at_s": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0});
+            for (name, value) in WATCHED.iter().zip(&now) {
+                entry[*name] = json!(value);
+            }
+            timeline.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
+            last = Some(now);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// nudge's counters from each node's /metrics (the --url's host and port), summed over the nodes. Plain HTTP/1.0
+/// over a socket: the bench has no HTTP client, and the exposition format is lines of `name value`.
+async fn scrape_metrics(urls: &[String]) -> BTreeMap<String, f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sums = BTreeMap::new();
+    for url in urls {
+        let Some(authority) = url.strip_prefix("ws://").and_then(|rest| rest.split('/').next()) else { continue };
+        let fetch = async {
+            let mut stream = tokio::net::TcpStream::connect(authority).await.ok()?;
+            let request = format!("GET /metrics HTTP/1.0\r\nHost: {authority}\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.ok()?;
+            let mut body = String::new();
+            stream.read_to_string(&mut body).await.ok()?;
+            Some(body)
+        };
+        let Ok(Some(body)) = tokio::time::timeout(Duration::from_secs(5), fetch).await else {
+            eprintln!("nudge-bench: could not read {authority}/metrics");
+            continue;
+        };
+        for line in body.lines().filter(|l| l.starts_with("nudge_") && !l.contains('{')) {
+            let mut parts = line.split_whitespace();
+            if let (Some(name), Some(Ok(value))) = (parts.next(), parts.next().map(str::parse::<f64>)) {
+                *sums.entry(name.to_owned()).or_default() += value;
+            }
+        }
+    }
+    sums
+}
+
 async fn run(args: Args) -> Result<serde_json::Value, String> {
     validate(&args)?;
+    let layout = storm::Layout { rows: args.history, users: args.history_users, topics: args.history_topics };
+    if args.mode == Mode::History {
+        let secs = storm::fill_history(args.database_url.as_deref().unwrap_or_default(), layout).await?;
+        eprintln!("nudge-bench: history of {} events written in {secs:.1}s", args.history);
+        return Ok(json!({"mode": "history", "events": args.history, "users": args.history_users,
+                         "topics": args.history_topics, "secs": secs}));
+    }
     let workers = if args.connections == 0 { 0 } else { args.workers.min(args.connections) };
     let per_process = args.connections.div_ceil(workers.max(1));
     if let Some(soft) = raise_nofile_limit() {
@@ -380,7 +558,9 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
     let connected: u64 = readies.iter().map(|r| r.connected).sum();
     let failed: u64 = readies.iter().map(|r| r.failed).sum();
     let stalled_connected: u64 = readies.iter().map(|r| r.stalled_connected).sum();
-    let reading = connected - stalled_connected;
+    let slow_connected: u64 = readies.iter().map(|r| r.slow_connected).sum();
+    // Reading at full speed: what the latency and the losses are measured on.
+    let reading = connected - stalled_connected - slow_connected;
     // Wall time of the whole connect phase, first connect of any worker to last reply of any worker, on the
     // clock all processes share.
     let connect_secs = match (readies.iter().map(|r| r.started_us).min(), readies.iter().map(|r| r.finished_us).max()) {
@@ -396,6 +576,12 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
     }
 
     let database_url = args.database_url.clone().unwrap_or_default();
+    let mut slow_report = None;
+    // With --scrape-metrics, when the slow-consumer counters moved: every second, from here to the end.
+    let timeline: Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let watcher = args.scrape_metrics.then(|| tokio::spawn(watch_metrics(args.urls.clone(), timeline.clone())));
+    // Storm mode: alternating calm and storm phases (start, end), and each storm's outcome.
+    let (mut phases, mut rounds) = (Vec::new(), Vec::new());
     let produced = match args.mode {
         Mode::Targeted | Mode::Topic | Mode::Wakeup | Mode::Produce => {
             let sinks = match (&handles[..], args.mode) {
@@ -415,8 +601,11 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
                 sinks,
                 window: (args.window > 0)
                     .then(|| Window::new(args.window, handles.iter().map(Handle::progress).collect())),
+                data: event_data(args.data_bytes as usize),
+                stop: None,
             };
             let out = produce(Arc::new(setup)).await?;
+            let slow_while_producing: u64 = handles.iter().map(Handle::slow_received).sum();
             let expected = match args.mode {
                 Mode::Topic => out.events * reading,
                 Mode::Produce => 0,
@@ -427,6 +616,31 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
                 out.events, out.secs
             );
             wait_for(&handles, expected, args.grace).await;
+            if slow_connected > 0 {
+                // Do the slow readers get every event? Let them read at full speed and wait, as for the others.
+                let slow_expected = out.events * slow_connected;
+                let drain = tokio::time::Instant::now();
+                eprintln!(
+                    "nudge-bench: slow readers read {slow_while_producing} events while producing; now at full \
+                     speed until {slow_expected}"
+                );
+                handles.iter().for_each(Handle::unthrottle);
+                let slow = || handles.iter().map(Handle::slow_received).sum();
+                wait_until(slow, slow_expected, args.grace).await;
+                slow_report = Some(json!({
+                    "connections": slow_connected,
+                    "rate_per_reader": args.slow_rate,
+                    "expected": slow_expected,
+                    "received_while_producing": slow_while_producing,
+                    "deliveries_per_s_while_producing": slow_while_producing as f64 / out.secs.max(1e-9),
+                    "drain_s": drain.elapsed().as_secs_f64(),
+                }));
+            }
+            if let Some(every) = args.latency_every.filter(|e| !e.is_zero()) {
+                let step = every.as_micros() as u64;
+                let end = out.started_us + (out.secs * 1e6) as u64;
+                phases = (out.started_us..end).step_by(step as usize).map(|at| (at, at + step)).collect();
+            }
             Produced {
                 events: out.events,
                 events_per_s: out.events as f64 / out.secs.max(1e-9),
@@ -436,6 +650,62 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
                 window_min_s: out.secs,
             }
         }
+        Mode::Storm => {
+            let stop = Arc::new(AtomicBool::new(false));
+            let setup = Writers {
+                database_url,
+                writers: args.writers.max(1),
+                batch: 1,
+                rate: args.rate,
+                // Until the rounds are over (`stop`).
+                duration: Duration::from_secs(24 * 3600),
+                mode: Mode::Targeted,
+                connections: 1,
+                stalled: 0,
+                table: args.table.clone(),
+                sinks: None,
+                window: None,
+                data: event_data(args.data_bytes as usize),
+                stop: Some(stop.clone()),
+            };
+            let writers = tokio::spawn(produce(Arc::new(setup)));
+            let targets = worker::resolve(&args.urls).await?;
+            let secret = args.secret.clone().unwrap_or_default();
+            for r in 0..args.storm_rounds {
+                let calm = now_us();
+                tokio::time::sleep(args.duration).await;
+                let storm_start = now_us();
+                phases.push((calm, storm_start));
+                // Until the last client has its reply and has closed (each closes as soon as it has it).
+                let round = storm::round(&targets[0], &secret, layout, args.storm, r).await;
+                phases.push((storm_start, now_us()));
+                // Half a second in neither phase, so that no calm phase starts with the storm's tail.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                eprintln!(
+                    "nudge-bench: storm {}: {} of {} resumed ({} complete) in at most {:.0} ms; {} failed",
+                    r + 1,
+                    round.resumed,
+                    round.clients,
+                    round.complete,
+                    round.resumed_ms.iter().copied().fold(0.0, f64::max),
+                    round.failed.values().sum::<u64>()
+                );
+                rounds.push(round);
+            }
+            stop.store(true, Ordering::Relaxed);
+            let out = writers.await.map_err(|e| e.to_string())??;
+            eprintln!("nudge-bench: produced {} events; waiting for {} deliveries", out.events, out.expected);
+            wait_for(&handles, out.expected, args.grace).await;
+            Produced {
+                events: out.events,
+                events_per_s: out.events as f64 / out.secs.max(1e-9),
+                expected: out.expected,
+                commits: out.commits,
+                window_start_us: out.started_us,
+                window_min_s: out.secs,
+            }
+        }
+        Mode::History => unreachable!("history mode returns before connecting"),
         Mode::Backlog => {
             let backlog = insert_backlog(&database_url, args.backlog, args.connections, args.stalled).await?;
             eprintln!(
@@ -467,14 +737,25 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
     };
     let rss_kib = server_rss_kib(&args.server_pids);
     let cpu_after = server_cpu(&args.server_pids);
+    let server_metrics = if args.scrape_metrics { Some(scrape_metrics(&args.urls).await) } else { None };
+    let metrics_timeline = watcher.map(|watcher| {
+        watcher.abort();
+        std::mem::take(&mut *timeline.lock().unwrap_or_else(|e| e.into_inner()))
+    });
 
-    let summaries = finish(handles, &produced.commits).await?;
+    let summaries = finish(handles, &produced.commits, &phases).await?;
     let mut latency = new_histogram();
     let mut stalled_outcomes: BTreeMap<String, u64> = BTreeMap::new();
     let mut closed: BTreeMap<String, u64> = BTreeMap::new();
     let (mut delivered, mut duplicated, mut unmatched, mut early, mut last_recv_us) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let (mut seq_unique, mut seq_last_sum, mut seq_max) = (0u64, 0u64, 0u64);
+    let (mut slow_delivered, mut slow_duplicated, mut slow_outcomes) = (0u64, 0u64, BTreeMap::<String, u64>::new());
     for s in &summaries {
+        slow_delivered += s.slow.deliveries;
+        slow_duplicated += s.slow.duplicated;
+        for (outcome, n) in &s.slow.outcome {
+            *slow_outcomes.entry(outcome.clone()).or_default() += n;
+        }
         for &(value, count) in &s.latency {
             latency.saturating_record_n(value, count);
         }
@@ -529,6 +810,74 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
         Mode::Saturate => expected.saturating_sub(seq_unique),
         _ => expected.saturating_sub(delivered),
     };
+    if let Some(report) = &mut slow_report {
+        let expected = report["expected"].as_u64().unwrap_or(0);
+        report["received"] = json!(slow_delivered);
+        report["lost"] = json!(expected.saturating_sub(slow_delivered));
+        report["duplicated"] = json!(slow_duplicated);
+        report["outcome"] = json!(describe(&slow_outcomes));
+    }
+    // Storm mode: the live client's latency in the calm phases (even) and the storm phases (odd), pooled and by
+    // round; each storm's outcome.
+    let storm_report = (args.mode == Mode::Storm).then(|| {
+        let phase = |i: usize| -> Vec<&[(u64, u64)]> {
+            summaries.iter().filter_map(|s| s.phases.get(i).map(Vec::as_slice)).collect()
+        };
+        let pooled = |odd: usize| -> serde_json::Value {
+            let parts: Vec<&[(u64, u64)]> = (0..phases.len()).filter(|i| i % 2 == odd).flat_map(phase).collect();
+            latency_json(&parts)
+        };
+        let all_ms: Vec<f64> = rounds.iter().flat_map(|r| r.resumed_ms.iter().copied()).collect();
+        let mut sorted = all_ms.clone();
+        sorted.sort_by(f64::total_cmp);
+        let at = |q: f64| sorted.get(((sorted.len() as f64 - 1.0) * q).round() as usize).copied();
+        let mut failed: BTreeMap<String, u64> = BTreeMap::new();
+        for r in &rounds {
+            for (why, n) in &r.failed {
+                *failed.entry(why.clone()).or_default() += n;
+            }
+        }
+        json!({
+            "history": {"events": args.history, "users": args.history_users, "topics": args.history_topics},
+            "calm_s": args.duration.as_secs_f64(),
+            "calm": pooled(0),
+            "storm": pooled(1),
+            "clients": rounds.iter().map(|r| r.clients).sum::<usize>(),
+            "resumed": rounds.iter().map(|r| r.resumed).sum::<usize>(),
+            "complete": rounds.iter().map(|r| r.complete).sum::<usize>(),
+            "wrong": rounds.iter().map(|r| r.wrong).sum::<usize>(),
+            "failed": failed,
+            "replayed": rounds.iter().map(|r| r.replayed).sum::<u64>(),
+            "resumed_ms": {"p50": at(0.5), "p99": at(0.99), "max": at(1.0)},
+            "rounds": rounds.iter().enumerate().map(|(i, r)| {
+                let max = r.resumed_ms.iter().copied().fold(0.0, f64::max);
+                json!({
+                    "calm": latency_json(&phase(2 * i)),
+                    "storm": latency_json(&phase(2 * i + 1)),
+                    "storm_s": phases.get(2 * i + 1).map(|(a, b)| (b - a) as f64 / 1e6),
+                    "clients": r.clients,
+                    "resumed": r.resumed,
+                    "complete": r.complete,
+                    "wrong": r.wrong,
+                    "replayed": r.replayed,
+                    "connect_s": r.connect_s,
+                    "resumed_max_ms": max,
+                })
+            }).collect::<Vec<_>>(),
+        })
+    });
+    let latency_timeline = (args.mode != Mode::Storm && !phases.is_empty()).then(|| {
+        let start = phases.first().map_or(0, |p| p.0);
+        (0..phases.len())
+            .map(|i| {
+                let parts: Vec<&[(u64, u64)]> =
+                    summaries.iter().filter_map(|s| s.phases.get(i).map(Vec::as_slice)).collect();
+                let mut entry = latency_json(&parts);
+                entry["at_s"] = json!((phases[i].0 - start) as f64 / 1e6);
+                entry
+            })
+            .collect::<Vec<_>>()
+    });
     Ok(json!({
         "nodes": args.urls.len(),
         "mode": format!("{:?}", args.mode).to_lowercase(),
@@ -560,6 +909,12 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
         "server_rss_kib": rss_kib,
         "server_rss_kib_per_connection": rss_kib.saturating_sub(rss_before_kib) as f64 / connected.max(1) as f64,
         "server_cpu_s": cpu_after - cpu_before,
+        "data_bytes": args.data_bytes,
+        "slow_readers": slow_report,
+        "storm": storm_report,
+        "server_metrics": server_metrics,
+        "server_metrics_timeline": metrics_timeline,
+        "latency_timeline": latency_timeline,
     }))
 }
 

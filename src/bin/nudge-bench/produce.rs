@@ -1,7 +1,7 @@
 //! The producers: writer connections INSERTing events through PostgreSQL exactly as a backend would (one row,
 //! one implicit transaction each; or `--batch` rows per statement), and the one-transaction backlog.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +31,21 @@ pub struct Writers {
     pub sinks: Option<Arc<Sinks>>,
     /// Closed loop (`--window`), or None: the writers keep the rate whatever the readers do.
     pub window: Option<Window>,
+    /// Each event's `data`, a JSON object (`event_data`): interpolated into the INSERT.
+    pub data: String,
+    /// Stop before `duration` once this is set (the resume storm ends the writers when its rounds are over).
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+/// An event's `data`: `{"bench": true}`, padded with a `pad` string to about `bytes` bytes (as PostgreSQL's jsonb
+/// prints it) when `bytes` is larger. Letters only, so it can be written into SQL as a literal.
+pub fn event_data(bytes: usize) -> String {
+    const HEAD: &str = r#"{"bench": true, "pad": ""#;
+    const TAIL: &str = r#""}"#;
+    match bytes.checked_sub(HEAD.len() + TAIL.len()) {
+        Some(pad) if pad > 0 => format!("{HEAD}{}{TAIL}", "x".repeat(pad)),
+        _ => r#"{"bench": true}"#.to_owned(),
+    }
 }
 
 /// How far the writers may run ahead of the slowest reader: a server offered more than it can deliver fills its
@@ -115,16 +130,20 @@ async fn prepare(setup: &Writers) -> Result<(Client, Statement), String> {
     let sql = match setup.mode {
         // A backend's INSERT, no RETURNING: the figure is what nudge's trigger costs a producer.
         Mode::Produce => format!(
-            "INSERT INTO {} (topic, kind, recipients, data) VALUES ('bench', 'bench.event', $1, '{{\"bench\": true}}')",
-            setup.table
+            "INSERT INTO {} (topic, kind, recipients, data) VALUES ('bench', 'bench.event', $1, '{}')",
+            setup.table, setup.data
         ),
-        Mode::Targeted | Mode::Topic if setup.batch > 1 => "INSERT INTO nudge.events (topic, kind, recipients, data) \
-              SELECT 'bench', 'bench.event', CASE WHEN $2 THEN ARRAY[u] END, '{\"bench\": true}' \
-              FROM unnest($1::text[]) AS u RETURNING id"
-            .to_owned(),
-        _ => "INSERT INTO nudge.events (topic, kind, recipients, data) \
-              VALUES ('bench', 'bench.event', $1, '{\"bench\": true}') RETURNING id"
-            .to_owned(),
+        Mode::Targeted | Mode::Topic if setup.batch > 1 => format!(
+            "INSERT INTO nudge.events (topic, kind, recipients, data) \
+             SELECT 'bench', 'bench.event', CASE WHEN $2 THEN ARRAY[u] END, '{}' \
+             FROM unnest($1::text[]) AS u RETURNING id",
+            setup.data
+        ),
+        _ => format!(
+            "INSERT INTO nudge.events (topic, kind, recipients, data) \
+             VALUES ('bench', 'bench.event', $1, '{}') RETURNING id",
+            setup.data
+        ),
     };
     if setup.mode == Mode::Wakeup {
         // Rows must not wake nudge through the trigger: the client's wakeup is what is measured. Replica mode
@@ -171,7 +190,8 @@ async fn write_events(
     };
     let mut log = WriterLog { events: 0, expected: 0, commits: Vec::new() };
     let mut k = w;
-    while started.elapsed() < setup.duration {
+    let stopped = || setup.stop.as_ref().is_some_and(|stop| stop.load(Ordering::Relaxed));
+    while started.elapsed() < setup.duration && !stopped() {
         if let Some(tick) = &mut tick {
             // A slow rate's next tick can fall past the end: stop on time rather than one period late.
             if tokio::time::timeout_at(started + setup.duration, tick.tick()).await.is_err() {
@@ -241,7 +261,9 @@ async fn write_events(
                 log.commits.push((row.get(0), sent_us));
                 log.expected += 1;
             }
-            Mode::Backlog | Mode::Saturate => return Err("no writers in this mode".into()),
+            Mode::Backlog | Mode::Saturate | Mode::History | Mode::Storm => {
+                return Err("no writers in this mode".into())
+            }
         }
         log.events += 1;
     }

@@ -206,7 +206,7 @@ pub async fn serve(plan: Plan) -> Result<(), String> {
                 };
                 let table = CommitTable::new(&pairs);
                 drop(pairs);
-                let summary = worker.finish(&table).await;
+                let summary = worker.finish(&table, &[]).await;
                 emit(&FromWorker::Summary(Box::new(summary)));
                 return Ok(());
             }

@@ -47,6 +47,11 @@ pub struct Plan {
     pub mode: Mode,
     pub connections: usize,
     pub stalled: usize,
+    /// Connections (spread evenly, as the stalled ones) that read one event frame, then wait 1 / `slow_rate`.
+    pub slow_readers: usize,
+    pub slow_rate: f64,
+    /// SO_RCVBUF of the slow readers' sockets; 0 leaves the kernel's default (and its autotuning).
+    pub slow_rcvbuf: u32,
     pub source_ips: usize,
     /// The local port range to take source ports from (`local_ports`).
     pub ports: (u16, u16),
@@ -56,8 +61,8 @@ pub struct Plan {
     pub tag: String,
 }
 
-/// Whether connection `i` of `n` is one of the `s` stalled ones: exactly `s` of them, spread evenly over the
-/// indexes (so over the nodes, which are assigned round-robin, and over the workers).
+/// Whether connection `i` of `n` is one of the `s` stalled (or slow) ones: exactly `s` of them, spread evenly
+/// over the indexes (so over the nodes, which are assigned round-robin, and over the workers).
 pub fn is_stalled(i: usize, n: usize, s: usize) -> bool {
     let s = s.min(n);
     s > 0 && (i + 1) * s / n != i * s / n
@@ -69,6 +74,8 @@ pub struct Ready {
     pub connected: u64,
     pub failed: u64,
     pub stalled_connected: u64,
+    /// Rate-limited readers connected (included in `connected`).
+    pub slow_connected: u64,
     /// The connect phase on the shared clock (`now_us`), so the parent can take the wall time over all workers.
     pub started_us: u64,
     pub finished_us: u64,
@@ -98,6 +105,20 @@ pub struct Summary {
     /// Sum over the connections of the last id each received: ids 1..=last were due to it.
     pub seq_last_sum: u64,
     pub seq_max_id: u64,
+    /// The rate-limited readers (`--slow-readers`), counted apart: their latency is their own pace.
+    pub slow: SlowSummary,
+    /// Latency histograms of the deliveries whose reference time falls in each of the phases `finish` was given.
+    pub phases: Vec<Vec<(u64, u64)>>,
+}
+
+/// What the rate-limited readers received, over all of them.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct SlowSummary {
+    /// Distinct events among those the producers wrote.
+    pub deliveries: u64,
+    pub duplicated: u64,
+    /// How they ended: "still open", or how the server closed them.
+    pub outcome: BTreeMap<String, u64>,
 }
 
 /// One connection's receive log.
@@ -112,6 +133,15 @@ enum ConnLog {
 struct ReaderEnd {
     log: ConnLog,
     closed: Option<String>,
+    /// A rate-limited reader (`--slow-readers`).
+    slow: bool,
+}
+
+/// A rate-limited reader's pace: one event frame, then `period`, until `off` is set (the drain at the end).
+#[derive(Clone)]
+struct Throttle {
+    period: Duration,
+    off: Arc<AtomicBool>,
 }
 
 /// What a worker's reading connections have read so far, as of `Worker::track_progress`'s last look (every
@@ -121,11 +151,13 @@ pub struct Progress {
     pub received: AtomicU64,
     /// Event frames read by the one that has read the fewest (u64::MAX: no reading connection).
     pub slowest: AtomicU64,
+    /// Event frames read by the rate-limited readers (not in `received` or `slowest`).
+    pub slow_received: AtomicU64,
 }
 
 impl Default for Progress {
     fn default() -> Progress {
-        Progress { received: AtomicU64::new(0), slowest: AtomicU64::new(u64::MAX) }
+        Progress { received: AtomicU64::new(0), slowest: AtomicU64::new(u64::MAX), slow_received: AtomicU64::new(0) }
     }
 }
 
@@ -139,6 +171,10 @@ pub struct Worker {
     progress: Arc<Progress>,
     /// Event frames read, per reading connection, counted by its reader: `progress` is their sum and minimum.
     per_reader: Arc<Vec<Arc<AtomicU64>>>,
+    /// The same for the rate-limited readers.
+    per_slow_reader: Arc<Vec<Arc<AtomicU64>>>,
+    /// Set to let the rate-limited readers read at full speed.
+    unthrottle: Arc<AtomicBool>,
     /// The task that keeps `progress` current, from `track_progress` to `finish`.
     tracker: Option<JoinHandle<()>>,
     stop: watch::Sender<bool>,
@@ -155,6 +191,8 @@ impl Worker {
         let stop_flag = Arc::new(AtomicBool::new(false));
         let progress = Arc::new(Progress::default());
         let mut per_reader = Vec::new();
+        let mut per_slow_reader = Vec::new();
+        let unthrottle = Arc::new(AtomicBool::new(false));
         let mut sinks: Sinks = (0..plan.range.len()).map(|_| None).collect();
         let mut readers = Vec::with_capacity(plan.range.len());
         let mut stalled = Vec::new();
@@ -184,16 +222,23 @@ impl Worker {
                 continue;
             }
             let mine = Arc::new(AtomicU64::new(0));
-            per_reader.push(mine.clone());
+            let throttle = is_stalled(i, plan.connections, plan.slow_readers)
+                .then(|| Throttle { period: Duration::from_secs_f64(1.0 / plan.slow_rate), off: unthrottle.clone() });
+            if throttle.is_some() {
+                per_slow_reader.push(mine.clone());
+            } else {
+                per_reader.push(mine.clone());
+            }
             let (stop, flag) = (stop_rx.clone(), stop_flag.clone());
-            // Only connections someone sends on are split: the split's lock costs a little on every read.
-            if plan.mode == Mode::Wakeup || !have_sink {
+            // Only connections someone sends on are split: the split's lock costs a little on every read. A slow
+            // reader never sends the wakeup: it would sit behind its own pace.
+            if plan.mode == Mode::Wakeup || (!have_sink && throttle.is_none()) {
                 have_sink = true;
                 let (sink, stream) = ws.split();
                 sinks[i - plan.range.start] = Some(Arc::new(Mutex::new(sink)));
-                readers.push(tokio::spawn(read_frames(stream, plan.mode, epoch_us, stop, flag, mine)));
+                readers.push(tokio::spawn(read_frames(stream, plan.mode, epoch_us, stop, flag, mine, throttle)));
             } else {
-                readers.push(tokio::spawn(read_frames(ws, plan.mode, epoch_us, stop, flag, mine)));
+                readers.push(tokio::spawn(read_frames(ws, plan.mode, epoch_us, stop, flag, mine, throttle)));
             }
         }
         drop(attempts);
@@ -202,6 +247,7 @@ impl Worker {
             connected: (readers.len() + stalled.len()) as u64,
             failed,
             stalled_connected: stalled.len() as u64,
+            slow_connected: per_slow_reader.len() as u64,
             started_us,
             finished_us,
         };
@@ -213,7 +259,7 @@ impl Worker {
             ready.stalled_connected,
             (finished_us - started_us) as f64 / 1e6
         );
-        let (sinks, per_reader) = (Arc::new(sinks), Arc::new(per_reader));
+        let (sinks, per_reader, per_slow_reader) = (Arc::new(sinks), Arc::new(per_reader), Arc::new(per_slow_reader));
         Ok(Worker {
             plan,
             epoch_us,
@@ -223,6 +269,8 @@ impl Worker {
             sinks,
             progress,
             per_reader,
+            per_slow_reader,
+            unthrottle,
             tracker: None,
             stop,
             stop_flag,
@@ -240,7 +288,8 @@ impl Worker {
 
     /// Keep `progress` current (every 10 ms) until the worker finishes, calling `report` after each update.
     pub fn track_progress(&mut self, report: impl Fn(&Progress) + Send + 'static) {
-        let (progress, per_reader) = (self.progress.clone(), self.per_reader.clone());
+        let (progress, per_reader, per_slow) =
+            (self.progress.clone(), self.per_reader.clone(), self.per_slow_reader.clone());
         self.tracker = Some(tokio::spawn(async move {
             loop {
                 let (mut received, mut slowest) = (0, u64::MAX);
@@ -249,10 +298,17 @@ impl Worker {
                 }
                 progress.received.store(received, Ordering::Relaxed);
                 progress.slowest.store(slowest, Ordering::Relaxed);
+                let slow = per_slow.iter().map(|n| n.load(Ordering::Relaxed)).sum();
+                progress.slow_received.store(slow, Ordering::Relaxed);
                 report(&progress);
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }));
+    }
+
+    /// Let the rate-limited readers read at full speed from now on (after producing: does everything arrive?).
+    pub fn unthrottle(&self) {
+        self.unthrottle.store(true, Ordering::Relaxed);
     }
 
     /// Write halves by connection index minus this worker's range start; wakeup mode has a single worker whose
@@ -268,7 +324,9 @@ impl Worker {
     }
 
     /// Stop reading, join the receive logs with the commit times, and find out how the stalled connections ended.
-    pub async fn finish(self, commits: &CommitTable) -> Summary {
+    /// `phases` are (start, end) times on the shared clock: each gets the latency histogram of the deliveries whose
+    /// reference time (the commit) falls in it.
+    pub async fn finish(self, commits: &CommitTable, phases: &[(u64, u64)]) -> Summary {
         if let Some(tracker) = &self.tracker {
             tracker.abort();
         }
@@ -280,9 +338,12 @@ impl Worker {
             *summary.stalled.entry(outcome).or_default() += 1;
         }
         let mut histogram = new_histogram();
+        let mut by_phase: Vec<_> = phases.iter().map(|_| new_histogram()).collect();
         for reader in self.readers {
             let Ok(end) = reader.await else { continue };
-            if let Some(reason) = end.closed {
+            if end.slow {
+                *summary.slow.outcome.entry(end.closed.unwrap_or_else(|| "still open".into())).or_default() += 1;
+            } else if let Some(reason) = end.closed {
                 *summary.closed.entry(reason).or_default() += 1;
             }
             match end.log {
@@ -297,7 +358,11 @@ impl Worker {
                     let mut previous = None;
                     for (delta, recv) in records {
                         if previous == Some(delta) {
-                            summary.duplicated += 1;
+                            if end.slow {
+                                summary.slow.duplicated += 1;
+                            } else {
+                                summary.duplicated += 1;
+                            }
                             continue;
                         }
                         previous = Some(delta);
@@ -306,12 +371,21 @@ impl Worker {
                             summary.unmatched += 1;
                             continue;
                         };
+                        if end.slow {
+                            // Its pace, not nudge's: only whether each event arrived counts.
+                            summary.slow.deliveries += 1;
+                            continue;
+                        }
                         summary.deliveries += 1;
                         summary.last_recv_us = summary.last_recv_us.max(received_us);
                         if received_us < reference_us {
                             summary.early += 1;
                         }
-                        histogram.saturating_record(received_us.saturating_sub(reference_us));
+                        let latency_us = received_us.saturating_sub(reference_us);
+                        histogram.saturating_record(latency_us);
+                        if let Some(i) = phases.iter().position(|&(from, to)| (from..to).contains(&reference_us)) {
+                            by_phase[i].saturating_record(latency_us);
+                        }
                     }
                 }
                 ConnLog::Sequence { last, unique, duplicated, last_us } => {
@@ -325,6 +399,7 @@ impl Worker {
             }
         }
         summary.latency = histogram_pairs(&histogram);
+        summary.phases = by_phase.iter().map(histogram_pairs).collect();
         summary
     }
 }
@@ -335,13 +410,13 @@ pub fn wakeup_message() -> Message {
 
 /// A node's URL with the address to connect to.
 #[derive(Clone)]
-struct Target {
-    url: String,
-    addr: SocketAddr,
+pub struct Target {
+    pub url: String,
+    pub addr: SocketAddr,
 }
 
 /// Resolve every URL once, not per connection. Plain `ws://` only: the bench is built without TLS.
-async fn resolve(urls: &[String]) -> Result<Arc<Vec<Target>>, String> {
+pub async fn resolve(urls: &[String]) -> Result<Arc<Vec<Target>>, String> {
     let mut targets = Vec::new();
     for url in urls {
         let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
@@ -381,7 +456,7 @@ fn open_socket(
     plan: &Plan,
     target: &Target,
     i: usize,
-    stalled: bool,
+    rcvbuf: Option<u32>,
     explicit_port: bool,
 ) -> Result<TcpSocket, String> {
     let fail = |e: std::io::Error| format!("{}: {e}", target.url);
@@ -390,11 +465,11 @@ fn open_socket(
     // TIME_WAIT for 60 s holding its port, and the next run's binds would collide with tens of thousands of
     // them. The server sees a reset when the run is over, which it must cope with anyway.
     socket.set_zero_linger().map_err(fail)?;
-    if stalled {
-        // A client that stops reading: with a small receive buffer the stall reaches nudge's outbound queue after
+    if let Some(size) = rcvbuf {
+        // A client that stops reading (or reads slowly): with a small receive buffer the stall reaches nudge's outbound queue after
         // kilobytes rather than the megabytes loopback autotuning would buffer first, so a short run shows how
         // nudge handles it.
-        socket.set_recv_buffer_size(4096).map_err(fail)?;
+        socket.set_recv_buffer_size(size).map_err(fail)?;
     }
     let loopback_v4 = matches!(target.addr.ip(), IpAddr::V4(ip) if ip.is_loopback());
     if plan.source_ips > 1 && !loopback_v4 {
@@ -414,7 +489,7 @@ fn open_socket(
             }
             // Held by another process: a fresh socket without SO_REUSEADDR, so that the kernel's port is one
             // nobody else holds.
-            return open_socket(plan, target, i, stalled, false);
+            return open_socket(plan, target, i, rcvbuf, false);
         }
         // More connections than the range has ports, or the retry after a collision: the kernel's choice.
         socket.bind(SocketAddr::new(IpAddr::V4(source), 0)).map_err(fail)?;
@@ -427,58 +502,94 @@ fn open_socket(
 async fn connect(plan: &Plan, targets: &[Target], i: usize) -> Result<Ws, String> {
     let target = &targets[i % targets.len()];
     let fail = |e: std::io::Error| format!("{}: {e}", target.url);
-    let stalled = is_stalled(i, plan.connections, plan.stalled);
+    // Stalled and slow readers get a small receive buffer (open_socket): what they do not read reaches nudge's
+    // queue after kilobytes, not after the megabytes loopback autotuning buffers (tcp_rmem allows 32 MiB here).
+    let rcvbuf = if is_stalled(i, plan.connections, plan.stalled) {
+        Some(4096)
+    } else if is_stalled(i, plan.connections, plan.slow_readers) && plan.slow_rcvbuf > 0 {
+        Some(plan.slow_rcvbuf)
+    } else {
+        None
+    };
     let handshake = async {
-        let stream = match open_socket(plan, target, i, stalled, true)?.connect(target.addr).await {
+        let stream = match open_socket(plan, target, i, rcvbuf, true)?.connect(target.addr).await {
             // The port we chose is taken for this destination by some other process's socket (SO_REUSEADDR let
             // both bind it): let the kernel pick one instead.
             Err(first) if matches!(first.kind(), ErrorKind::AddrNotAvailable | ErrorKind::AddrInUse) => {
-                let retry = open_socket(plan, target, i, stalled, false)?.connect(target.addr).await;
+                let retry = open_socket(plan, target, i, rcvbuf, false)?.connect(target.addr).await;
                 retry.map_err(|e| std::io::Error::new(e.kind(), format!("{e} (first try, own port: {first})")))
             }
             other => other,
         }
         .map_err(fail)?;
-        stream.set_nodelay(true).map_err(fail)?;
         // A small read buffer, as a client library on a phone would have: the generator must not be the
         // bottleneck in memory either. Saturate mode reads millions of frames per second, where fewer, larger
         // reads pay (a quarter less system time measured): 32 KiB per connection there.
         let read_buffer = if plan.mode == Mode::Saturate { 32 * 1024 } else { 4096 };
-        let config = WebSocketConfig::default().read_buffer_size(read_buffer).write_buffer_size(0);
-        let (mut ws, _) = tokio_tungstenite::client_async_with_config(target.url.as_str(), stream, Some(config))
-            .await
-            .map_err(|e| format!("{}: {e}", target.url))?;
-        let user = format!("u{i}");
         let topics = vec!["bench".to_owned()];
-        let request =
-            TokenRequest { sub: &user, topics: &topics, ttl: Duration::from_secs(3600), audience: None, issuer: None };
-        let token = issue_token(&plan.secret, &request).map_err(|e| e.to_string())?;
-        ws.send(Message::text(json!({"type": "auth", "token": token}).to_string())).await.map_err(|e| e.to_string())?;
-        let subscribe = matches!(plan.mode, Mode::Topic | Mode::Saturate);
-        if subscribe {
-            let request = json!({"type": "subscribe", "topic": "bench"}).to_string();
-            ws.send(Message::text(request)).await.map_err(|e| e.to_string())?;
-        }
-        let mut replies = if subscribe { 2 } else { 1 };
-        while replies > 0 {
-            match ws.next().await {
-                Some(Ok(Message::Text(text))) => {
-                    if text.contains("\"error\"") {
-                        return Err(format!("server refused: {text}"));
-                    }
-                    replies -= 1;
-                }
-                Some(Ok(Message::Close(frame))) => return Err(format!("closed during auth: {frame:?}")),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(format!("during auth: {e}")),
-                None => return Err("closed during auth".into()),
-            }
-        }
-        Ok(ws)
+        let subscribe = if matches!(plan.mode, Mode::Topic | Mode::Saturate) { &topics[..] } else { &[] };
+        upgrade(stream, target, &plan.secret, &format!("u{i}"), &topics, subscribe, read_buffer).await
     };
     tokio::time::timeout(Duration::from_secs(30), handshake)
         .await
         .map_err(|_| format!("{}: no reply to auth/subscribe within 30 s", target.url))?
+}
+
+/// Connect as `user` from a port the kernel picks (a few hundred connections at most: the resume storm),
+/// authenticate with a token allowing `topics`, subscribe to all of them, and wait for the replies.
+pub async fn connect_as(target: &Target, secret: &str, user: &str, topics: &[String]) -> Result<Ws, String> {
+    let fail = |e: std::io::Error| format!("{}: {e}", target.url);
+    let handshake = async {
+        let socket = if target.addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(fail)?;
+        socket.set_zero_linger().map_err(fail)?;
+        let stream = socket.connect(target.addr).await.map_err(fail)?;
+        upgrade(stream, target, secret, user, topics, topics, 4096).await
+    };
+    tokio::time::timeout(Duration::from_secs(30), handshake)
+        .await
+        .map_err(|_| format!("{}: no reply to auth/subscribe within 30 s", target.url))?
+}
+
+/// The WebSocket upgrade on a connected stream, `auth` as the first message (a token allowing `allowed`), one
+/// `subscribe` per topic of `subscribe`, and the replies to all of them.
+async fn upgrade(
+    stream: TcpStream,
+    target: &Target,
+    secret: &str,
+    user: &str,
+    allowed: &[String],
+    subscribe: &[String],
+    read_buffer: usize,
+) -> Result<Ws, String> {
+    stream.set_nodelay(true).map_err(|e| format!("{}: {e}", target.url))?;
+    let config = WebSocketConfig::default().read_buffer_size(read_buffer).write_buffer_size(0);
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(target.url.as_str(), stream, Some(config))
+        .await
+        .map_err(|e| format!("{}: {e}", target.url))?;
+    let request =
+        TokenRequest { sub: user, topics: allowed, ttl: Duration::from_secs(3600), audience: None, issuer: None };
+    let token = issue_token(secret, &request).map_err(|e| e.to_string())?;
+    ws.send(Message::text(json!({"type": "auth", "token": token}).to_string())).await.map_err(|e| e.to_string())?;
+    for topic in subscribe {
+        let request = json!({"type": "subscribe", "topic": topic}).to_string();
+        ws.send(Message::text(request)).await.map_err(|e| e.to_string())?;
+    }
+    let mut replies = 1 + subscribe.len();
+    while replies > 0 {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => {
+                if text.contains("\"error\"") {
+                    return Err(format!("server refused: {text}"));
+                }
+                replies -= 1;
+            }
+            Some(Ok(Message::Close(frame))) => return Err(format!("closed during auth: {frame:?}")),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(format!("during auth: {e}")),
+            None => return Err("closed during auth".into()),
+        }
+    }
+    Ok(ws)
 }
 
 /// The event id of a frame, or None for any other frame.
@@ -513,6 +624,7 @@ async fn read_frames<S>(
     mut stop: watch::Receiver<bool>,
     stop_flag: Arc<AtomicBool>,
     received: Arc<AtomicU64>,
+    throttle: Option<Throttle>,
 ) -> ReaderEnd
 where
     S: Stream<Item = Result<Message, WsError>> + Unpin,
@@ -569,6 +681,13 @@ where
                         }
                     }
                 }
+                if let Some(throttle) = &throttle {
+                    // A slow client: one frame, then its pause. Nothing is read meanwhile, so what the server
+                    // sends piles up in the socket buffers and then in nudge's queue for it.
+                    if !throttle.off.load(Ordering::Relaxed) {
+                        tokio::time::sleep(throttle.period).await;
+                    }
+                }
             }
             Some(Ok(Message::Close(frame))) => {
                 closed = Some(close_description(frame.map(|f| u16::from(f.code))));
@@ -585,7 +704,7 @@ where
             }
         }
     }
-    ReaderEnd { log, closed }
+    ReaderEnd { log, closed, slow: throttle.is_some() }
 }
 
 fn close_description(code: Option<u16>) -> String {
