@@ -310,7 +310,8 @@ async fn every_option_can_be_given_as_a_flag() {
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_is_the_default_command_and_migrates_at_start() {
     let db = TestDb::new().await;
-    let nudge = Nudge::start(&db.url, &[]).await;
+    // As the URL's role (the superuser), not the harness's owner-migrates-then-runtime-serves.
+    let nudge = Nudge::start_migrating(&db.url, &[], &[]).await;
     nudge.wait_ready().await;
     assert_eq!(schema_versions(&db).await, ALL_VERSIONS);
 }
