@@ -82,6 +82,11 @@ pub struct Options {
     #[arg(long, env = "NUDGE_LISTEN", default_value = "127.0.0.1:8080", global = true)]
     pub listen: SocketAddr,
 
+    /// Address serving /metrics (plain HTTP) apart from --listen, which then answers /metrics with 404.
+    /// Default: /metrics is served on --listen.
+    #[arg(long, env = "NUDGE_METRICS_LISTEN", global = true)]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// PEM certificate chain: serve TLS (https/wss) with it. Needs --tls-key.
     #[arg(long, env = "NUDGE_TLS_CERT", global = true)]
     pub tls_cert: Option<PathBuf>,
@@ -312,6 +317,8 @@ pub struct ServeConfig {
     pub listen_database: tokio_postgres::Config,
     pub node_id: String,
     pub listen: SocketAddr,
+    /// Where /metrics is served when not on `listen`.
+    pub metrics_listen: Option<SocketAddr>,
     /// Set when nudge terminates TLS itself.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub authenticator: Authenticator,
@@ -424,6 +431,7 @@ impl Options {
             listen_database,
             node_id: self.node_id.clone().unwrap_or_else(default_node_id),
             listen: self.listen,
+            metrics_listen: self.metrics_listen,
             tls: self.tls()?,
             authenticator,
             allowed_origins: self

@@ -32,6 +32,7 @@ const OPTIONS: &[(&str, &str)] = &[
     ("--database-url-file", "NUDGE_DATABASE_URL_FILE"),
     ("--listen-database-url-file", "NUDGE_LISTEN_DATABASE_URL_FILE"),
     ("--jwt-secret-file", "NUDGE_JWT_SECRET_FILE"),
+    ("--metrics-listen", "NUDGE_METRICS_LISTEN"),
 ];
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -439,4 +440,54 @@ fn a_malformed_url_from_a_file_is_a_configuration_error_without_its_password() {
     let file = TempFile::new("postgres://u:hunter2-from-the-file@127.0.0.1:notaport/db\n");
     let err = assert_config_error(&[("NUDGE_DATABASE_URL_FILE", file.path()), ("NUDGE_JWT_SECRET", SECRET)], &[]);
     assert!(err.contains("NUDGE_DATABASE_URL") && !err.contains("hunter2"), "{err}");
+}
+
+/// The port of the metrics listener, from the log line that announces it.
+fn metrics_port(log: &str) -> Option<u16> {
+    let at = log.find("serving /metrics on 127.0.0.1:")? + "serving /metrics on 127.0.0.1:".len();
+    log[at..].chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_listen_serves_metrics_apart_and_the_public_listener_no_longer_does() {
+    let db = TestDb::new().await;
+    let nudge = Nudge::start(&db.url, &[("NUDGE_METRICS_LISTEN", "127.0.0.1:0")]).await;
+    let port = metrics_port(&nudge.log()).unwrap_or_else(|| panic!("no metrics listener in the log:\n{}", nudge.log()));
+    assert_ne!(port, nudge.port);
+
+    let (status, body) = http_get(port, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    for name in ["nudge_claim_passes_total", "nudge_connections", "nudge_http_pending_connections"] {
+        assert!(parse_metric(&body, name).is_some(), "/metrics on the metrics listener lacks {name}:\n{body}");
+    }
+    // The public listener: everything but /metrics.
+    assert_eq!(nudge.get("/metrics").await.0, 404);
+    assert_eq!(nudge.get("/healthz").await, (200, "ok".to_string()));
+    assert_eq!(nudge.get("/readyz").await, (200, "ready".to_string()));
+    // The metrics listener: /metrics only.
+    for path in ["/healthz", "/readyz", "/ws", "/"] {
+        assert_eq!(http_get(port, path).await.0, 404, "{path} on the metrics listener");
+    }
+    // Its numbers are the node's.
+    let mut alice = authed(&nudge, "alice", &["*"]).await;
+    alice.ping().await;
+    eventually!(SOON, "nudge_connections 1 on the metrics listener", {
+        parse_metric(&http_get(port, "/metrics").await.1, "nudge_connections") == Some(1.0)
+    });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_metrics_address_taken_exits_1() {
+    let db = TestDb::new().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let c = nudge_command(&[
+        ("NUDGE_DATABASE_URL", &db.url),
+        ("NUDGE_JWT_SECRET", SECRET),
+        ("NUDGE_LISTEN", "127.0.0.1:0"),
+        ("NUDGE_METRICS_LISTEN", &addr),
+    ]);
+    let (status, _, err) = run_with_deadline(c, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "stderr:\n{err}");
+    assert!(err.contains(&addr), "{err}");
 }
