@@ -135,7 +135,21 @@ fn nudge_compiles_from_exactly_the_files_the_build_stage_copies() {
     lay_out_build_context(&context);
 
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(cargo)
+    let mut build = Command::new(cargo);
+    // What cargo sets for a test process is not the build's environment: a build script that watches one of
+    // these (ring's watches CARGO_MANIFEST_DIR) would otherwise be run again here, and again by the next
+    // plain `cargo build`.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        let set_by_cargo = ["CARGO_MANIFEST_", "CARGO_PKG_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_PACKAGE"]
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+            || ["CARGO_TARGET_TMPDIR", "CARGO_RUSTC_CURRENT_DIR", "OUT_DIR"].contains(&name.as_ref());
+        if set_by_cargo {
+            build.env_remove(name.as_ref());
+        }
+    }
+    let out = build
         .args(["build", "--locked", "--offline", "--bin", "nudge"])
         .current_dir(&context)
         .env("CARGO_BUILD_BUILD_DIR", std::env::var_os("CARGO_BUILD_BUILD_DIR").unwrap_or(shared.into()))
