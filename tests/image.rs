@@ -179,6 +179,11 @@ fn the_image_runs_as_a_numeric_non_root_user() {
     let uid = user.split(':').next().unwrap();
     let uid: u32 = uid.parse().unwrap_or_else(|_| panic!("USER {user}: not numeric"));
     assert_ne!(uid, 0, "USER {user} is root");
+    let manifests = std::fs::read_to_string(Path::new(ROOT).join("deploy/kubernetes/deployment.yaml")).unwrap();
+    assert!(
+        manifests.contains(&format!("runAsUser: {uid}")),
+        "deploy/kubernetes/deployment.yaml runs as another user than the image's {uid}"
+    );
 }
 
 /// The HEALTHCHECK's command, as Docker runs it (exec form).
