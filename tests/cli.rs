@@ -439,7 +439,7 @@ fn an_unreadable_or_empty_secret_file_is_a_configuration_error() {
 fn a_malformed_url_from_a_file_is_a_configuration_error_without_its_password() {
     let file = TempFile::new("postgres://u:hunter2-from-the-file@127.0.0.1:notaport/db\n");
     let err = assert_config_error(&[("NUDGE_DATABASE_URL_FILE", file.path()), ("NUDGE_JWT_SECRET", SECRET)], &[]);
-    assert!(err.contains("NUDGE_DATABASE_URL") && !err.contains("hunter2"), "{err}");
+    assert!(err.contains("NUDGE_DATABASE_URL is malformed") && !err.contains("hunter2"), "{err}");
 }
 
 /// The port of the metrics listener, from the log line that announces it.
