@@ -60,10 +60,19 @@ pub struct Options {
     #[arg(long, env = "NUDGE_DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
 
+    /// File holding the database URL (a mounted secret), instead of NUDGE_DATABASE_URL; a trailing newline is
+    /// ignored.
+    #[arg(long, env = "NUDGE_DATABASE_URL_FILE", global = true, value_name = "PATH")]
+    pub database_url_file: Option<PathBuf>,
+
     /// Direct PostgreSQL URL for LISTEN and migrations, when NUDGE_DATABASE_URL goes through PgBouncer in
     /// transaction mode (LISTEN and advisory locks need a session). Default: NUDGE_DATABASE_URL.
     #[arg(long, env = "NUDGE_LISTEN_DATABASE_URL", global = true, hide_env_values = true)]
     pub listen_database_url: Option<String>,
+
+    /// File holding the direct database URL, instead of NUDGE_LISTEN_DATABASE_URL; a trailing newline is ignored.
+    #[arg(long, env = "NUDGE_LISTEN_DATABASE_URL_FILE", global = true, value_name = "PATH")]
+    pub listen_database_url_file: Option<PathBuf>,
 
     /// This node's id in nudge.nodes and `nudge status` (default: hostname-pid).
     #[arg(long, env = "NUDGE_NODE_ID", global = true)]
@@ -72,6 +81,11 @@ pub struct Options {
     /// Address for HTTP and WebSocket.
     #[arg(long, env = "NUDGE_LISTEN", default_value = "127.0.0.1:8080", global = true)]
     pub listen: SocketAddr,
+
+    /// Address serving /metrics (plain HTTP) apart from --listen, which then answers /metrics with 404.
+    /// Default: /metrics is served on --listen.
+    #[arg(long, env = "NUDGE_METRICS_LISTEN", global = true)]
+    pub metrics_listen: Option<SocketAddr>,
 
     /// PEM certificate chain: serve TLS (https/wss) with it. Needs --tls-key.
     #[arg(long, env = "NUDGE_TLS_CERT", global = true)]
@@ -84,6 +98,10 @@ pub struct Options {
     /// HS256 shared secret.
     #[arg(long, env = "NUDGE_JWT_SECRET", global = true, hide_env_values = true)]
     pub jwt_secret: Option<String>,
+
+    /// File holding the HS256 secret, instead of NUDGE_JWT_SECRET; a trailing newline is ignored.
+    #[arg(long, env = "NUDGE_JWT_SECRET_FILE", global = true, value_name = "PATH")]
+    pub jwt_secret_file: Option<PathBuf>,
 
     /// Path to a PEM public key (RS256, ES256, EdDSA...).
     #[arg(long, env = "NUDGE_JWT_PUBLIC_KEY", global = true)]
@@ -260,6 +278,10 @@ pub enum ConfigError {
     TlsHalf,
     #[error("cannot read TLS {what} {path}: {reason}")]
     Tls { what: &'static str, path: PathBuf, reason: String },
+    #[error("{var} and {var}_FILE (--{flag} and --{flag}-file) are both set: give one of them")]
+    ValueAndFile { var: &'static str, flag: &'static str },
+    #[error("cannot read {var}_FILE {path}: {reason}")]
+    SecretFile { var: &'static str, path: PathBuf, reason: String },
 }
 
 /// Limits applied to each WebSocket connection.
@@ -317,6 +339,8 @@ pub struct ServeConfig {
     pub listen_database: crate::db::Database,
     pub node_id: String,
     pub listen: SocketAddr,
+    /// Where /metrics is served when not on `listen`.
+    pub metrics_listen: Option<SocketAddr>,
     /// Set when nudge terminates TLS itself.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub authenticator: Authenticator,
@@ -334,6 +358,35 @@ pub struct ServeConfig {
 }
 
 impl Options {
+    /// Replace each `*_FILE` option (a path, e.g. a mounted secret) with the contents of its file, trailing
+    /// newlines removed. Setting an option and its `_FILE` twin is a configuration error, and so is a file that
+    /// cannot be read or is empty; no message contains what the file holds.
+    pub fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        for (var, flag, value, file) in [
+            ("NUDGE_DATABASE_URL", "database-url", &mut self.database_url, self.database_url_file.take()),
+            (
+                "NUDGE_LISTEN_DATABASE_URL",
+                "listen-database-url",
+                &mut self.listen_database_url,
+                self.listen_database_url_file.take(),
+            ),
+            ("NUDGE_JWT_SECRET", "jwt-secret", &mut self.jwt_secret, self.jwt_secret_file.take()),
+        ] {
+            let Some(path) = file else { continue };
+            if value.is_some() {
+                return Err(ConfigError::ValueAndFile { var, flag });
+            }
+            let bad = |reason: String| ConfigError::SecretFile { var, path: path.clone(), reason };
+            let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+            let text = text.trim_end_matches(['\n', '\r']);
+            if text.is_empty() {
+                return Err(bad("the file is empty".into()));
+            }
+            *value = Some(text.to_owned());
+        }
+        Ok(())
+    }
+
     pub fn database(&self) -> Result<crate::db::Database, ConfigError> {
         let url = self.database_url.as_deref().ok_or(ConfigError::MissingDatabaseUrl)?;
         parse_database_url(url, &self.database_timeouts()).map_err(ConfigError::from_database_url)
@@ -424,6 +477,7 @@ impl Options {
             listen_database,
             node_id: self.node_id.clone().unwrap_or_else(default_node_id),
             listen: self.listen,
+            metrics_listen: self.metrics_listen,
             tls: self.tls()?,
             authenticator,
             allowed_origins: self

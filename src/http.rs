@@ -1,4 +1,5 @@
-//! HTTP: the accept loop, the routes (`/ws`, `/healthz`, `/readyz`, `/metrics`) and the WebSocket upgrade.
+//! HTTP: the accept loop, the routes (`/ws`, `/healthz`, `/readyz`, `/metrics`) and the WebSocket upgrade; with
+//! `--metrics-listen`, `/metrics` on a listener of its own instead.
 //!
 //! nudge owns the accept loop (hyper's HTTP/1 connection builder around `warp::service`) so that shutdown and the
 //! connection limit are explicit here, and so the same loop can later serve TLS. The upgrade is done by hand
@@ -65,10 +66,21 @@ struct Peer {
 /// Routes added by an embedder (`nudge demo`); `nudge serve` has none.
 pub type ExtraRoutes = BoxedFilter<(Response,)>;
 
-/// Accept connections until shutdown; with `tls`, every connection is a TLS one (wss).
-pub async fn serve(listener: TcpListener, server: Arc<Server>, tls: Option<TlsAcceptor>, extra: Option<ExtraRoutes>) {
+/// Accept connections until shutdown; with `tls`, every connection is a TLS one (wss). With `metrics`,
+/// `/metrics` is served there ([`serve_metrics`]) and not on `listener`.
+pub async fn serve(
+    listener: TcpListener,
+    server: Arc<Server>,
+    tls: Option<TlsAcceptor>,
+    extra: Option<ExtraRoutes>,
+    metrics: Option<TcpListener>,
+) {
     let admission = Arc::new(limits::Admission::new(&server.http_limits));
-    let service = warp::service(routes(server.clone(), admission.clone(), extra));
+    let metrics_here = metrics.is_none();
+    if let Some(metrics) = metrics {
+        tokio::spawn(serve_metrics(metrics, server.clone(), admission.clone()));
+    }
+    let service = warp::service(routes(server.clone(), admission.clone(), extra, metrics_here));
     let mut refusals = Refusals::default();
     let mut shutdown = server.shutdown.clone();
     loop {
@@ -214,6 +226,7 @@ fn routes(
     server: Arc<Server>,
     admission: Arc<limits::Admission>,
     extra: Option<ExtraRoutes>,
+    metrics_here: bool,
 ) -> BoxedFilter<(Response,)> {
     let with_server = warp::any().map(move || server.clone());
     let ws = warp::path!("ws")
@@ -234,19 +247,71 @@ fn routes(
                 Err(reason) => plain(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
             }
         });
-    let metrics = warp::path!("metrics").and(warp::get()).and(with_server).map(move |server: Arc<Server>| {
-        let shared = &server.shared;
-        let mut text = shared.metrics.render(shared.hub.connections(), shared.wakeups.requested());
-        admission.render(&mut text);
-        let mut response = text.into_response();
-        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
-        response
-    });
-    let mut all = ws.or(healthz).unify().or(readyz).unify().or(metrics).unify().boxed();
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_server)
+        .map(move |server: Arc<Server>| metrics_response(&server, &admission));
+    let mut all = ws.or(healthz).unify().or(readyz).unify().boxed();
+    if metrics_here {
+        all = all.or(metrics).unify().boxed();
+    }
     if let Some(extra) = extra {
         all = all.or(extra).unify().boxed();
     }
     all.recover(|rejection| async move { Ok::<_, Infallible>(rejected(rejection)) }).unify().boxed()
+}
+
+/// `/metrics`: Prometheus text.
+fn metrics_response(server: &Server, admission: &limits::Admission) -> Response {
+    let shared = &server.shared;
+    let mut text = shared.metrics.render(shared.hub.connections(), shared.wakeups.requested());
+    admission.render(&mut text);
+    let mut response = text.into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    response
+}
+
+/// Scrapers connected to the metrics listener at once; more are closed at accept.
+const METRICS_CONNECTIONS: usize = 16;
+/// A metrics connection is closed after this long, kept alive or not (scrapers reconnect).
+const METRICS_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// The metrics listener (`--metrics-listen`): plain HTTP/1.1, `GET /metrics` and nothing else, so that the
+/// public listener need not expose it. Few connections, each with the header deadline and a bounded lifetime.
+async fn serve_metrics(listener: TcpListener, server: Arc<Server>, admission: Arc<limits::Admission>) {
+    let mut shutdown = server.shutdown.clone();
+    let open = Arc::new(Semaphore::new(METRICS_CONNECTIONS));
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!("metrics listener: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.triggered() => return,
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else { continue };
+        let (server, admission) = (server.clone(), admission.clone());
+        tokio::spawn(async move {
+            let header_timeout = server.http_limits.header_timeout;
+            let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+                let response = match (request.method(), request.uri().path()) {
+                    (&hyper::Method::GET, "/metrics") => metrics_response(&server, &admission),
+                    (_, "/metrics") => plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into()),
+                    _ => plain(StatusCode::NOT_FOUND, "not found\n".into()),
+                };
+                std::future::ready(Ok::<_, Infallible>(response))
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_timeout);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(METRICS_CONNECTION_LIFETIME, connection).await;
+            drop(permit);
+        });
+    }
 }
 
 /// A plain-text answer for a request no route took.

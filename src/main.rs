@@ -70,7 +70,11 @@ impl From<ConfigError> for Failure {
     }
 }
 
-async fn run(command: Command, options: Options, matches: &ArgMatches) -> Result<(), Failure> {
+async fn run(command: Command, mut options: Options, matches: &ArgMatches) -> Result<(), Failure> {
+    // `nudge demo` takes no database or secret from the environment (demo::restrict), files included.
+    if command != Command::Demo {
+        options.read_secret_files()?;
+    }
     match command {
         Command::Serve => {
             node::run(options.serve_config()?, None, |_| {}).await.map_err(|e| Failure::Runtime(e.to_string()))

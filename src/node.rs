@@ -46,6 +46,7 @@ pub async fn run(
         listen_database,
         node_id,
         listen,
+        metrics_listen,
         tls,
         authenticator,
         allowed_origins,
@@ -74,6 +75,14 @@ pub async fn run(
     let replay_pool_handle = replay_pool.clone();
     let listener = bind(listen).map_err(|source| StartError::Listen { addr: listen, source })?;
     let local = listener.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?;
+    let metrics_listener = match metrics_listen {
+        Some(addr) => {
+            let listener = bind(addr).map_err(|source| StartError::Listen { addr, source })?;
+            let local = listener.local_addr().map_err(|source| StartError::Listen { addr, source })?;
+            Some((listener, local))
+        }
+        None => None,
+    };
 
     let (trigger, shutdown) = shutdown::channel();
     let hub = Arc::new(Hub::new());
@@ -126,8 +135,12 @@ pub async fn run(
     });
 
     let scheme = if tls.is_some() { "https/wss" } else { "http/ws" };
-    let http_task = tokio::spawn(http::serve(listener, server, tls, extra_routes));
+    let (metrics_listener, metrics_local) = metrics_listener.unzip();
+    let http_task = tokio::spawn(http::serve(listener, server, tls, extra_routes, metrics_listener));
     tracing::info!("listening on {local} ({scheme})");
+    if let Some(metrics) = metrics_local {
+        tracing::info!("serving /metrics on {metrics} (http), not on {local}");
+    }
     on_listening(local);
 
     let node = NodeIdentity { id: node_id, address: local.to_string() };

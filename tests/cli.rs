@@ -29,6 +29,10 @@ const OPTIONS: &[(&str, &str)] = &[
     ("--ping-interval", "NUDGE_PING_INTERVAL"),
     ("--pool-size", "NUDGE_POOL_SIZE"),
     ("--no-migrate", "NUDGE_NO_MIGRATE"),
+    ("--database-url-file", "NUDGE_DATABASE_URL_FILE"),
+    ("--listen-database-url-file", "NUDGE_LISTEN_DATABASE_URL_FILE"),
+    ("--jwt-secret-file", "NUDGE_JWT_SECRET_FILE"),
+    ("--metrics-listen", "NUDGE_METRICS_LISTEN"),
 ];
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -310,7 +314,180 @@ async fn every_option_can_be_given_as_a_flag() {
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_is_the_default_command_and_migrates_at_start() {
     let db = TestDb::new().await;
-    let nudge = Nudge::start(&db.url, &[]).await;
+    // As the URL's role (the superuser), not the harness's owner-migrates-then-runtime-serves.
+    let nudge = Nudge::start_migrating(&db.url, &[], &[]).await;
     nudge.wait_ready().await;
     assert_eq!(schema_versions(&db).await, ALL_VERSIONS);
+}
+
+/// A file under /tmp with `contents`, removed when dropped.
+struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    fn new(contents: &str) -> TempFile {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let path = std::path::PathBuf::from(format!("/tmp/nudge-test-secret-{}-{n}", std::process::id()));
+        std::fs::write(&path, contents).unwrap();
+        TempFile(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_can_come_from_files_and_a_trailing_newline_is_not_part_of_them() {
+    let db = TestDb::new().await;
+    db.migrate();
+    let runtime = db.role_url(Role::Runtime);
+    let url_file = TempFile::new(&format!("{runtime}\n"));
+    let listen_url_file = TempFile::new(&format!("{runtime}\r\n"));
+    let secret_file = TempFile::new(&format!("{SECRET}\n"));
+    let nudge = Nudge::start_migrating(
+        "",
+        &[
+            ("NUDGE_DATABASE_URL", ""),
+            ("NUDGE_JWT_SECRET", ""),
+            ("NUDGE_DATABASE_URL_FILE", url_file.path()),
+            ("NUDGE_LISTEN_DATABASE_URL_FILE", listen_url_file.path()),
+            ("NUDGE_JWT_SECRET_FILE", secret_file.path()),
+            ("NUDGE_NO_MIGRATE", "true"),
+        ],
+        &[],
+    )
+    .await;
+    nudge.wait_ready().await;
+    // Tokens signed with the secret, without the file's newline, are accepted.
+    let mut alice = authed(&nudge, "alice", &["*"]).await;
+    alice.subscribe("post:1").await;
+    let id = insert_event(&db.client().await, "post:1", "k", "{}").await;
+    assert_eq!(alice.recv_type("event").await["id"], id);
+
+    // `nudge token` and `nudge status` read the files too.
+    let mut token = nudge_command(&[("NUDGE_JWT_SECRET_FILE", secret_file.path())]);
+    token.args(["token", "--sub", "bob", "--topics", "*"]);
+    let (status, out, err) = run_with_deadline(token, WAIT);
+    assert!(status.success(), "nudge token: {err}");
+    let mut bob = Ws::connect(&nudge.ws_url()).await.unwrap();
+    assert_eq!(bob.auth(out.trim()).await["type"], "ready", "a token signed with the secret from the file");
+    let mut status_cmd = nudge_command(&[("NUDGE_DATABASE_URL_FILE", url_file.path())]);
+    status_cmd.arg("status");
+    let (status, out, err) = run_with_deadline(status_cmd, WAIT);
+    assert!(status.success() && out.contains("nodes 1"), "nudge status: {out}{err}");
+}
+
+#[test]
+fn a_setting_and_its_file_twin_together_are_a_configuration_error_that_shows_neither() {
+    let from_file = TempFile::new("postgres://u:password-from-the-file@127.0.0.1:1/db\n");
+    let unreachable = unreachable_url();
+    for (var, value) in [
+        ("NUDGE_DATABASE_URL", "postgres://u:password-from-env@127.0.0.1:1/db"),
+        ("NUDGE_LISTEN_DATABASE_URL", "postgres://u:password-from-env@127.0.0.1:1/db"),
+        ("NUDGE_JWT_SECRET", "secret-from-env-0123456789abcdef0123456789"),
+    ] {
+        let file_var = format!("{var}_FILE");
+        let mut env = vec![("NUDGE_DATABASE_URL", unreachable.as_str()), ("NUDGE_JWT_SECRET", SECRET)];
+        env.retain(|(k, _)| *k != var);
+        env.push((var, value));
+        env.push((file_var.as_str(), from_file.path()));
+        for args in [&[][..], &["migrate"], &["status"]] {
+            let err = assert_config_error(&env, args);
+            assert!(err.contains(&file_var) && err.contains("both"), "{var}: {err}");
+            assert!(!err.contains("from-env") && !err.contains("from-the-file"), "{var}: a secret in: {err}");
+        }
+    }
+    // A flag and a file in the environment are both set too.
+    let secret_file = TempFile::new("secret-from-the-file-0123456789abcdef0123\n");
+    let err = assert_config_error(
+        &[("NUDGE_DATABASE_URL", &unreachable), ("NUDGE_JWT_SECRET_FILE", secret_file.path())],
+        &["serve", "--jwt-secret", "secret-from-the-flag-0123456789abcdef0123"],
+    );
+    assert!(err.contains("NUDGE_JWT_SECRET_FILE") && !err.contains("from-the"), "{err}");
+}
+
+#[test]
+fn an_unreadable_or_empty_secret_file_is_a_configuration_error() {
+    let empty = TempFile::new("\n");
+    let unreachable = unreachable_url();
+    for (var, path, says) in [
+        ("NUDGE_JWT_SECRET_FILE", "/nonexistent/nudge/jwt-secret", "No such file"),
+        ("NUDGE_JWT_SECRET_FILE", "/tmp", "directory"),
+        ("NUDGE_DATABASE_URL_FILE", empty.path(), "empty"),
+        ("NUDGE_LISTEN_DATABASE_URL_FILE", "/nonexistent/nudge/url", "No such file"),
+    ] {
+        let mut env = vec![(var, path)];
+        if var != "NUDGE_DATABASE_URL_FILE" {
+            env.push(("NUDGE_DATABASE_URL", &unreachable));
+        }
+        if var != "NUDGE_JWT_SECRET_FILE" {
+            env.push(("NUDGE_JWT_SECRET", SECRET));
+        }
+        let err = assert_config_error(&env, &[]);
+        assert!(err.contains(var) && err.contains(path) && err.contains(says), "{var}={path}: {err}");
+    }
+}
+
+#[test]
+fn a_malformed_url_from_a_file_is_a_configuration_error_without_its_password() {
+    let file = TempFile::new("postgres://u:hunter2-from-the-file@127.0.0.1:notaport/db\n");
+    let err = assert_config_error(&[("NUDGE_DATABASE_URL_FILE", file.path()), ("NUDGE_JWT_SECRET", SECRET)], &[]);
+    assert!(err.contains("NUDGE_DATABASE_URL is malformed") && !err.contains("hunter2"), "{err}");
+}
+
+/// The port of the metrics listener, from the log line that announces it.
+fn metrics_port(log: &str) -> Option<u16> {
+    let at = log.find("serving /metrics on 127.0.0.1:")? + "serving /metrics on 127.0.0.1:".len();
+    log[at..].chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_listen_serves_metrics_apart_and_the_public_listener_no_longer_does() {
+    let db = TestDb::new().await;
+    let nudge = Nudge::start(&db.url, &[("NUDGE_METRICS_LISTEN", "127.0.0.1:0")]).await;
+    let port = metrics_port(&nudge.log()).unwrap_or_else(|| panic!("no metrics listener in the log:\n{}", nudge.log()));
+    assert_ne!(port, nudge.port);
+
+    let (status, body) = http_get(port, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    for name in ["nudge_claim_passes_total", "nudge_connections", "nudge_http_pending_connections"] {
+        assert!(parse_metric(&body, name).is_some(), "/metrics on the metrics listener lacks {name}:\n{body}");
+    }
+    // The public listener: everything but /metrics.
+    assert_eq!(nudge.get("/metrics").await.0, 404);
+    assert_eq!(nudge.get("/healthz").await, (200, "ok".to_string()));
+    assert_eq!(nudge.get("/readyz").await, (200, "ready".to_string()));
+    // The metrics listener: /metrics only.
+    for path in ["/healthz", "/readyz", "/ws", "/"] {
+        assert_eq!(http_get(port, path).await.0, 404, "{path} on the metrics listener");
+    }
+    // Its numbers are the node's.
+    let mut alice = authed(&nudge, "alice", &["*"]).await;
+    alice.ping().await;
+    eventually!(SOON, "nudge_connections 1 on the metrics listener", {
+        parse_metric(&http_get(port, "/metrics").await.1, "nudge_connections") == Some(1.0)
+    });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_metrics_address_taken_exits_1() {
+    let db = TestDb::new().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let c = nudge_command(&[
+        ("NUDGE_DATABASE_URL", &db.url),
+        ("NUDGE_JWT_SECRET", SECRET),
+        ("NUDGE_LISTEN", "127.0.0.1:0"),
+        ("NUDGE_METRICS_LISTEN", &addr),
+    ]);
+    let (status, _, err) = run_with_deadline(c, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "stderr:\n{err}");
+    assert!(err.contains(&addr), "{err}");
 }

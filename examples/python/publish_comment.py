@@ -32,8 +32,10 @@ with psycopg.connect(os.environ["DATABASE_URL"]) as conn, conn.transaction():
             "INSERT INTO messages (sender, recipient, body) VALUES (%s, %s, %s) RETURNING id",
             ("python-example", args.notify, f"New comment on post {args.post_id}"),
         ).fetchone()[0]
+        # nudge.publish(topic, kind, recipients, data) inserts the same row and returns its id; a producer role
+        # (sql/roles.sql) may call it although it may not read nudge.events.
         conn.execute(
-            "INSERT INTO nudge.events (topic, kind, recipients, data) VALUES (%s, %s, %s, %s)",
+            "SELECT nudge.publish(%s, %s, %s, %s)",
             ("inbox", "message.created", [args.notify], Jsonb({"message_id": message_id})),
         )
 

@@ -193,9 +193,65 @@ pub async fn pg_connect(url: &str) -> tokio_postgres::Client {
     client
 }
 
+/// A test's database. `url` connects as the cluster's superuser (the test's view of everything). Each database
+/// has three roles of its own, as sql/roles.sql describes: `<name>_owner` (migrates, owns schema nudge),
+/// `<name>_runtime` (what `Nudge::start` runs nudge as) and `<name>_producer` (INSERT and `nudge.publish`).
 pub struct TestDb {
     pub name: String,
     pub url: String,
+}
+
+/// The roles sql/roles.sql sets up, each a login role of its own per test database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Owner,
+    Runtime,
+    Producer,
+}
+
+impl Role {
+    fn suffix(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Runtime => "runtime",
+            Role::Producer => "producer",
+        }
+    }
+}
+
+/// Databases `TestDb::create` made, by superuser URL: whether their schema has been migrated as the owner and
+/// roles.sql applied. One lock per database: nodes started at once prepare it once.
+fn managed() -> &'static Mutex<std::collections::HashMap<String, Arc<Mutex<bool>>>> {
+    static MANAGED: OnceLock<Mutex<std::collections::HashMap<String, Arc<Mutex<bool>>>>> = OnceLock::new();
+    MANAGED.get_or_init(Default::default)
+}
+
+/// `url` with another user name (URLs of the shared cluster: `postgres://USER@127.0.0.1:PORT/DB`).
+fn url_as(url: &str, user: &str) -> String {
+    let rest = url.strip_prefix("postgres://postgres@").expect("a superuser URL of the test cluster");
+    format!("postgres://{user}@{rest}")
+}
+
+/// psql from the cluster's binaries (sql/roles.sql uses psql's variables and `\if`).
+pub fn psql() -> PathBuf {
+    let bin = pg_bin_dir().join("psql");
+    if bin.exists() {
+        return bin;
+    }
+    PathBuf::from("psql")
+}
+
+/// Apply sql/roles.sql as `owner_url`'s role with these role names; (success, psql's stderr).
+pub fn apply_roles_sql(owner_url: &str, runtime: &str, producer: &str) -> (bool, String) {
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/roles.sql");
+    let out = Command::new(psql())
+        .args(["-X", "-q", "-d", owner_url, "-v", &format!("runtime={runtime}"), "-v"])
+        .arg(format!("producer={producer}"))
+        .args(["-f", file])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run psql");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 impl TestDb {
@@ -217,18 +273,59 @@ impl TestDb {
 
     pub async fn create(&self) {
         let admin = pg_connect(&format!("postgres://postgres@127.0.0.1:{}/postgres", cluster().port)).await;
-        admin.batch_execute(&format!("CREATE DATABASE {}", self.name)).await.unwrap();
+        let name = &self.name;
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE {name}_owner LOGIN; CREATE ROLE {name}_runtime LOGIN; CREATE ROLE {name}_producer LOGIN; \
+                 GRANT CREATE ON DATABASE {name} TO {name}_owner;"
+            ))
+            .await
+            .unwrap();
+        managed().lock().unwrap().insert(self.url.clone(), Arc::default());
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {
         pg_connect(&self.url).await
     }
 
-    /// Apply the schema with `nudge migrate` (for tests that need the table without a server).
-    pub fn migrate(&self) {
-        let out = nudge_command(&[("NUDGE_DATABASE_URL", &self.url)]).arg("migrate").output().unwrap();
-        assert!(out.status.success(), "nudge migrate failed: {}", String::from_utf8_lossy(&out.stderr));
+    pub fn role_name(&self, role: Role) -> String {
+        format!("{}_{}", self.name, role.suffix())
     }
+
+    /// The URL of this database as one of its roles.
+    pub fn role_url(&self, role: Role) -> String {
+        url_as(&self.url, &self.role_name(role))
+    }
+
+    pub async fn client_as(&self, role: Role) -> tokio_postgres::Client {
+        pg_connect(&self.role_url(role)).await
+    }
+
+    /// Apply the schema as a deployment does: `nudge migrate` as the owner role, then sql/roles.sql (as the owner).
+    /// Once per database; what `Nudge::start` does before it starts nudge as the runtime role.
+    pub fn migrate(&self) {
+        prepare_as_owner(&self.url);
+    }
+}
+
+/// Migrate as the owner and apply sql/roles.sql, once per database `TestDb::create` made. False for any other
+/// URL (a database the harness does not manage: a proxy's, PgBouncer's, one not created yet).
+fn prepare_as_owner(url: &str) -> bool {
+    let Some(done) = managed().lock().unwrap().get(url).cloned() else {
+        return false;
+    };
+    let mut done = done.lock().unwrap();
+    if !*done {
+        let name = url.rsplit('/').next().unwrap();
+        let owner = url_as(url, &format!("{name}_owner"));
+        let out = nudge_command(&[("NUDGE_DATABASE_URL", &owner)]).arg("migrate").output().unwrap();
+        assert!(out.status.success(), "nudge migrate as the owner failed: {}", String::from_utf8_lossy(&out.stderr));
+        let (ok, err) = apply_roles_sql(&owner, &format!("{name}_runtime"), &format!("{name}_producer"));
+        assert!(ok, "sql/roles.sql failed: {err}");
+        *done = true;
+    }
+    true
 }
 
 /// Insert one event and return its id.
@@ -348,7 +445,30 @@ impl Nudge {
         Self::start_args(db_url, extra_env, &[]).await
     }
 
+    /// Start `nudge serve` with test defaults. On a database `TestDb` manages, nudge runs as it should in
+    /// production: the schema is migrated as the owner role (sql/roles.sql applied) and nudge runs
+    /// `--no-migrate` as the runtime role, with only the rights it needs (unless `extra_env` sets
+    /// `NUDGE_NO_MIGRATE` itself). Any other URL is used as it is.
     pub async fn start_args(db_url: &str, extra_env: &[(&str, &str)], args: &[&str]) -> Nudge {
+        let sets_migrate = extra_env.iter().any(|(k, _)| *k == "NUDGE_NO_MIGRATE");
+        let url = db_url.to_owned();
+        let runtime = !sets_migrate && tokio::task::spawn_blocking(move || prepare_as_owner(&url)).await.unwrap();
+        if !runtime {
+            return Self::start_migrating(db_url, extra_env, args).await;
+        }
+        let name = db_url.rsplit('/').next().unwrap();
+        let runtime_url = url_as(db_url, &format!("{name}_runtime"));
+        let mut env: Vec<(&str, &str)> = vec![("NUDGE_NO_MIGRATE", "true")];
+        for (k, v) in extra_env {
+            // A direct URL to the same database (LISTEN, the wake gate) is the runtime role's too.
+            env.push((k, if *k == "NUDGE_LISTEN_DATABASE_URL" && *v == db_url { runtime_url.as_str() } else { v }));
+        }
+        Self::start_migrating(&runtime_url, &env, args).await
+    }
+
+    /// Start `nudge serve` with test defaults on `db_url` as it is: as the URL's role, migrating at start unless
+    /// `extra_env` says `NUDGE_NO_MIGRATE`.
+    pub async fn start_migrating(db_url: &str, extra_env: &[(&str, &str)], args: &[&str]) -> Nudge {
         let mut env: Vec<(&str, &str)> = vec![
             ("NUDGE_DATABASE_URL", db_url),
             ("NUDGE_LISTEN", "127.0.0.1:0"),
