@@ -108,7 +108,13 @@ async fn status(options: &Options) -> Result<(), Failure> {
     let status = db::nodes::status(&session).await;
     session.close().await;
     let status = status.map_err(runtime)?;
-    println!("last seq {}, pending rows {}, nodes {}", status.last_seq, status.pending, status.nodes.len());
+    println!(
+        "last seq {}, pending rows {}, nodes {}, oldest pending {:.1}s",
+        status.last_seq,
+        status.pending,
+        status.nodes.len(),
+        status.oldest_pending_s
+    );
     if !status.nodes.is_empty() {
         println!(
             "\n{:<28} {:<22} {:<20} {:>9} {:>11} {:>10} {:>6} {:>8}",

@@ -872,7 +872,11 @@ fn nudge_status(url: &str) -> ((i64, i64, usize), Vec<StatusRow>) {
     let summary = lines.next().unwrap_or_default();
     let nums: Vec<i64> =
         summary.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect();
-    assert!(summary.starts_with("last seq ") && nums.len() == 3, "summary line: {out}");
+    // last seq, pending rows, nodes, then the oldest pending event's age in seconds ("0.0s": two digit runs).
+    assert!(
+        summary.starts_with("last seq ") && summary.contains(", oldest pending ") && nums.len() == 5,
+        "summary line: {out}"
+    );
     let mut rows = Vec::new();
     let mut header = false;
     for line in lines {

@@ -107,13 +107,22 @@ pub struct NodeStatus {
 pub struct ClusterStatus {
     pub last_seq: i64,
     pub pending: i64,
+    /// Seconds since the oldest pending event occurred (0 when none is pending).
+    pub oldest_pending_s: f64,
     pub nodes: Vec<NodeStatus>,
 }
 
 pub async fn status(client: &tokio_postgres::Client) -> Result<ClusterStatus, tokio_postgres::Error> {
     let last_seq = super::events::read_last_seq(client).await?;
-    let pending: i64 =
-        client.query_typed_one("SELECT count(*) FROM nudge.events WHERE processed_at IS NULL", &[]).await?.get(0);
+    let pending = client
+        .query_typed_one(
+            "SELECT count(*), coalesce(extract(epoch FROM now() - (SELECT occurred_at FROM nudge.events \
+               WHERE processed_at IS NULL ORDER BY id LIMIT 1))::float8, 0) \
+             FROM nudge.events WHERE processed_at IS NULL",
+            &[],
+        )
+        .await?;
+    let (pending, oldest_pending_s): (i64, f64) = (pending.get(0), pending.get(1));
     let rows = client
         .query_typed(
             "SELECT id, address, to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'), \
@@ -136,5 +145,5 @@ pub async fn status(client: &tokio_postgres::Client) -> Result<ClusterStatus, to
             lag_seconds: r.get(6),
         })
         .collect();
-    Ok(ClusterStatus { last_seq, pending, nodes })
+    Ok(ClusterStatus { last_seq, pending, oldest_pending_s, nodes })
 }
