@@ -243,9 +243,12 @@ async fn a_producer_reads_presence_and_controls_users_but_not_the_tables_behind(
         "alice in nudge.presence, read by the producer",
         producer.query_one("SELECT nudge.is_online('alice')", &[]).await.unwrap().get::<_, bool>(0)
     );
-    let users: i32 =
-        producer.query_one("SELECT users FROM nudge.topic_presence WHERE topic = 'post:1'", &[]).await.unwrap().get(0);
-    assert_eq!(users, 1);
+    // A flush writes users, then topics (two statements): wait for the topic's row too.
+    let topic_users = || async {
+        let row = producer.query_opt("SELECT users FROM nudge.topic_presence WHERE topic = 'post:1'", &[]).await;
+        row.unwrap().map(|r| r.get::<_, i32>(0))
+    };
+    eventually!(SOON, "post:1 in nudge.topic_presence, read by the producer", topic_users().await == Some(1));
     for sql in
         ["SELECT * FROM nudge.presence_users", "SELECT * FROM nudge.presence_topics", "SELECT * FROM nudge.status"]
     {
