@@ -2,7 +2,7 @@
 //!
 //! Each authenticated connection registers an `Outbox` (a bounded queue). Routing never blocks and never waits
 //! for a socket: it serializes each event once and pushes the shared frame into every matching `Outbox` with
-//! `try_push_many`. An outbox that overflows falls *behind* (outbox.rs): it refuses live frames until its
+//! `Outbox::push`. An outbox that overflows falls *behind* (outbox.rs): it refuses live frames until its
 //! connection has read what it missed from the table and `rejoin`ed, so a slow client costs nobody else anything.
 
 use std::collections::{HashMap, HashSet};

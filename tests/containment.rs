@@ -25,6 +25,16 @@ async fn narrow_client(nudge: &Nudge, sub: &str, topics: &[&str]) -> Ws {
     ws
 }
 
+/// A ready node, and alice subscribed to `post:1` on it.
+async fn nudge_with_alice_on_post_1() -> (TestDb, Nudge, Ws) {
+    let db = TestDb::new().await;
+    let nudge = Nudge::start(&db.url, &[]).await;
+    nudge.wait_ready().await;
+    let mut alice = authed(&nudge, "alice", &["*"]).await;
+    alice.subscribe("post:1").await;
+    (db, nudge, alice)
+}
+
 /// Insert `n` topic events of about `size` bytes of data each, in one transaction; returns their ids in order.
 async fn insert_big(pg: &tokio_postgres::Client, topic: &str, n: i64, size: i32) -> Vec<i64> {
     let rows = pg
@@ -43,11 +53,7 @@ async fn insert_big(pg: &tokio_postgres::Client, topic: &str, n: i64, size: i32)
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_row_nudge_cannot_encode_is_skipped_and_delivery_goes_on() {
-    let db = TestDb::new().await;
-    let nudge = Nudge::start(&db.url, &[]).await;
-    nudge.wait_ready().await;
-    let mut alice = authed(&nudge, "alice", &["*"]).await;
-    alice.subscribe("post:1").await;
+    let (db, nudge, mut alice) = nudge_with_alice_on_post_1().await;
     let pg = db.client().await;
     // A row from before schema version 6 (or from a role that bypassed its CHECK): an infinite occurred_at.
     pg.batch_execute("ALTER TABLE nudge.events DROP CONSTRAINT IF EXISTS events_occurred_at_finite").await.unwrap();
@@ -74,11 +80,7 @@ async fn a_row_nudge_cannot_encode_is_skipped_and_delivery_goes_on() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn producers_cannot_write_nudges_own_columns_or_an_infinite_time() {
-    let db = TestDb::new().await;
-    let nudge = Nudge::start(&db.url, &[]).await;
-    nudge.wait_ready().await;
-    let mut alice = authed(&nudge, "alice", &["*"]).await;
-    alice.subscribe("post:1").await;
+    let (db, _nudge, mut alice) = nudge_with_alice_on_post_1().await;
     let pg = db.client().await;
     for (sql, column) in [
         ("INSERT INTO nudge.events (topic, kind, seq) VALUES ('post:1', 'k', 1000000)", "seq"),

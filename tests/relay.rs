@@ -514,14 +514,7 @@ async fn claim_and_retention_never_scan_the_whole_table() {
     ] {
         // The sweep's parameters written in: a custom plan, as the sweep's own statement gets.
         let sql = format!("EXPLAIN (FORMAT JSON) {}", statement.replace("$1", "3600").replace("$2", "1000"));
-        let messages = pg.simple_query(&sql).await.unwrap();
-        let plan = messages
-            .iter()
-            .find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
-                _ => None,
-            })
-            .unwrap_or_else(|| panic!("EXPLAIN returned {messages:?}"));
+        let plan = &explain(&pg, &sql).await;
         assert!(!scans_events(plan), "retention's {name} scans nudge.events: {plan}");
     }
 }
@@ -549,27 +542,30 @@ async fn replays_read_one_users_events_through_their_own_indexes() {
     .unwrap();
     // The statement nudge sends, with its parameters: nudge sends it unnamed, so PostgreSQL plans it for the
     // values at hand (a custom plan), through PgBouncer too.
-    for mode in ["force_custom_plan"] {
-        let sql = format!(
-            "SET plan_cache_mode = {mode}; \
-             PREPARE replay(bigint, bigint, text, text[], bigint) AS {}; \
-             EXPLAIN (FORMAT JSON) EXECUTE replay(0, 40000, 'alice', '{{post:1}}', 1001); DEALLOCATE replay;",
-            nudge::db::events::REPLAY
-        );
-        let messages = pg.simple_query(&sql).await.unwrap();
-        let plan = messages
-            .iter()
-            .find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
-                _ => None,
-            })
-            .unwrap_or_else(|| panic!("EXPLAIN returned {messages:?}"));
-        assert!(!scans_events(plan), "{mode}: a replay scans nudge.events: {plan}");
-        for index in ["events_recipients", "events_topic_seq"] {
-            assert!(plan.contains(index), "{mode}: a replay does not use {index}: {plan}");
-        }
-        assert!(!plan.contains("\"events_seq\""), "{mode}: a replay walks the seq range (events_seq): {plan}");
+    let sql = format!(
+        "SET plan_cache_mode = force_custom_plan; \
+         PREPARE replay(bigint, bigint, text, text[], bigint) AS {}; \
+         EXPLAIN (FORMAT JSON) EXECUTE replay(0, 40000, 'alice', '{{post:1}}', 1001); DEALLOCATE replay;",
+        nudge::db::events::REPLAY
+    );
+    let plan = &explain(&pg, &sql).await;
+    assert!(!scans_events(plan), "a replay scans nudge.events: {plan}");
+    for index in ["events_recipients", "events_topic_seq"] {
+        assert!(plan.contains(index), "a replay does not use {index}: {plan}");
     }
+    assert!(!plan.contains("\"events_seq\""), "a replay walks the seq range (events_seq): {plan}");
+}
+
+/// The JSON plan an `EXPLAIN (FORMAT JSON)` among `sql`'s statements returned.
+async fn explain(pg: &tokio_postgres::Client, sql: &str) -> String {
+    let messages = pg.simple_query(sql).await.unwrap();
+    messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("EXPLAIN returned {messages:?}"))
 }
 
 /// Whether a plan in JSON (EXPLAIN's, or auto_explain's after its "duration: … plan:" prefix) scans nudge.events
