@@ -10,7 +10,10 @@ COPY src ./src
 COPY sql ./sql
 # The demo page serves the client library (src/demo/api.rs includes it).
 COPY clients/js/src/index.js ./clients/js/src/index.js
-RUN cargo build --release --locked --bin nudge
+# The workspace's other package, the benchmark tools: cargo reads its manifest and compiles none of it.
+COPY bench/Cargo.toml ./bench/Cargo.toml
+COPY bench/src ./bench/src
+RUN cargo build --release --locked --package nudge --bin nudge
 
 FROM debian:bookworm-slim
 # The platform's trust store: TLS to managed PostgreSQL (sslrootcert=system) and an https JWKS verify against it.
