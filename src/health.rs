@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 #[derive(Default)]
 pub struct Readiness {
@@ -76,32 +77,59 @@ impl Readiness {
 
 /// Upper bounds of `nudge_claim_duration_seconds`' buckets: from a fast claim on an idle database (sub-millisecond)
 /// to a 1,000-row claim on a busy one.
-const CLAIM_BUCKETS: [f64; 11] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+const CLAIM_BUCKETS: &[f64] = &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+/// Upper bounds for the stages of the delivery path: each is tens of microseconds when all is well, so the
+/// buckets start there; seconds mean something is wrong.
+const STAGE_BUCKETS: &[f64] =
+    &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+/// Upper bounds for the age of events at claim: milliseconds when nudge keeps up, up to minutes of backlog.
+const AGE_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+/// The most buckets any histogram here has (the last slot counts "above the last bound").
+const MAX_BUCKETS: usize = 17;
 
-/// A fixed-bucket histogram, lock-free: how long claim statements take, seen from nudge (one round trip).
-#[derive(Default)]
-pub struct ClaimDurations {
-    /// Per bucket, not cumulative (the rendering accumulates); the last slot is "above the last bound".
-    counts: [AtomicU64; CLAIM_BUCKETS.len() + 1],
+/// A fixed-bucket Prometheus histogram, lock-free: recording is a scan of at most 16 bounds and two relaxed
+/// atomic adds, cheap enough for every claimed batch and every socket write.
+pub struct Histogram {
+    name: &'static str,
+    help: &'static str,
+    bounds: &'static [f64],
+    /// Per bucket, not cumulative (the rendering accumulates); slot `bounds.len()` is "above the last bound".
+    counts: [AtomicU64; MAX_BUCKETS],
     sum_micros: AtomicU64,
 }
 
-impl ClaimDurations {
-    pub fn record(&self, took: std::time::Duration) {
+impl Histogram {
+    const fn new(name: &'static str, help: &'static str, bounds: &'static [f64]) -> Self {
+        assert!(bounds.len() < MAX_BUCKETS);
+        Histogram {
+            name,
+            help,
+            bounds,
+            counts: [const { AtomicU64::new(0) }; MAX_BUCKETS],
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn record(&self, took: Duration) {
+        self.record_n(took, 1);
+    }
+
+    /// Record `n` observations of the same value (a batch of events claimed at one instant).
+    pub fn record_n(&self, took: Duration, n: u64) {
         let seconds = took.as_secs_f64();
-        let bucket = CLAIM_BUCKETS.iter().position(|&le| seconds <= le).unwrap_or(CLAIM_BUCKETS.len());
-        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        let bucket = self.bounds.iter().position(|&le| seconds <= le).unwrap_or(self.bounds.len());
+        self.counts[bucket].fetch_add(n, Ordering::Relaxed);
+        self.sum_micros.fetch_add((took.as_micros() as u64).saturating_mul(n), Ordering::Relaxed);
     }
 
     fn render(&self, out: &mut String) {
-        let name = "nudge_claim_duration_seconds";
-        let _ = writeln!(out, "# HELP {name} Claim statements, from sending to the last row (one round trip).");
-        let _ = writeln!(out, "# TYPE {name} histogram");
+        let Histogram { name, help, .. } = self;
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut cumulative = 0;
-        for (i, count) in self.counts.iter().enumerate() {
+        for (i, count) in self.counts[..=self.bounds.len()].iter().enumerate() {
             cumulative += count.load(Ordering::Relaxed);
-            match CLAIM_BUCKETS.get(i) {
+            match self.bounds.get(i) {
                 Some(le) => _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}"),
                 None => _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}"),
             }
@@ -111,10 +139,53 @@ impl ClaimDurations {
     }
 }
 
+/// Where the time of one event's path goes, stage by stage (docs/operations.md, "Metrics"): the wake-up to the
+/// claim starting, the claim statement, the claim's commit to the frames queued, the frames queued to written.
+/// Each is measured on this node's own clock; the event's age at claim also uses PostgreSQL's (`occurred_at`).
+pub struct Stages {
+    pub wake_to_claim: Histogram,
+    pub claim: Histogram,
+    pub claim_to_routed: Histogram,
+    pub routed_to_written: Histogram,
+    pub age_at_claim: Histogram,
+}
+
+impl Default for Stages {
+    fn default() -> Self {
+        Stages {
+            wake_to_claim: Histogram::new(
+                "nudge_wake_to_claim_seconds",
+                "From a wake-up (NOTIFY nudge, a client's wakeup, the poll) to its claim statement being sent.",
+                STAGE_BUCKETS,
+            ),
+            claim: Histogram::new(
+                "nudge_claim_duration_seconds",
+                "Claim statements, from sending to the last row (one round trip).",
+                CLAIM_BUCKETS,
+            ),
+            claim_to_routed: Histogram::new(
+                "nudge_claim_to_routed_seconds",
+                "From a claim statement's last row (committed) to its events queued to this node's connections; batches this node claimed.",
+                STAGE_BUCKETS,
+            ),
+            routed_to_written: Histogram::new(
+                "nudge_routed_to_written_seconds",
+                "From an event frame queued to a connection to its write to the socket returning; the oldest frame of each write.",
+                STAGE_BUCKETS,
+            ),
+            age_at_claim: Histogram::new(
+                "nudge_event_age_at_claim_seconds",
+                "Events' age when claimed: the claim's time minus occurred_at (PostgreSQL's clock; 0 if ahead of nudge's).",
+                AGE_BUCKETS,
+            ),
+        }
+    }
+}
+
 /// Counters since start. Relaxed atomics: they are statistics, not synchronization.
 #[derive(Default)]
 pub struct Metrics {
-    pub claim_durations: ClaimDurations,
+    pub stages: Stages,
     pub claim_passes: AtomicU64,
     /// Times this node held the wake gate's `awake` lock (producers skipped NOTIFY meanwhile).
     pub awake_periods: AtomicU64,
@@ -203,7 +274,10 @@ impl Metrics {
             "How long ago the oldest event this node has not routed yet was claimed, every heartbeat.",
             self.lag_millis.load(Ordering::Relaxed) as f64 / 1000.0,
         );
-        self.claim_durations.render(&mut out);
+        let Stages { wake_to_claim, claim, claim_to_routed, routed_to_written, age_at_claim } = &self.stages;
+        for histogram in [wake_to_claim, claim, claim_to_routed, routed_to_written, age_at_claim] {
+            histogram.render(&mut out);
+        }
         let _ = writeln!(
             out,
             "# HELP nudge_connections Authenticated connections open now.\n# TYPE nudge_connections gauge\nnudge_connections {connections}"
@@ -215,11 +289,10 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn claim_durations_render_as_a_cumulative_prometheus_histogram() {
-        let durations = ClaimDurations::default();
+        let durations = Stages::default().claim;
         durations.record(Duration::from_micros(300));
         durations.record(Duration::from_millis(3));
         durations.record(Duration::from_secs(2));
@@ -233,6 +306,25 @@ mod tests {
             "nudge_claim_duration_seconds_bucket{le=\"+Inf\"} 3",
             "nudge_claim_duration_seconds_sum 2.0033",
             "nudge_claim_duration_seconds_count 3",
+        ] {
+            assert!(out.lines().any(|l| l == line), "missing {line:?} in:\n{out}");
+        }
+    }
+
+    #[test]
+    fn every_stage_renders_and_a_batch_counts_once_per_event() {
+        let metrics = Metrics::default();
+        metrics.stages.age_at_claim.record_n(Duration::from_millis(7), 5);
+        let out = metrics.render(0, 0);
+        for line in [
+            "nudge_event_age_at_claim_seconds_bucket{le=\"0.005\"} 0",
+            "nudge_event_age_at_claim_seconds_bucket{le=\"0.01\"} 5",
+            "nudge_event_age_at_claim_seconds_sum 0.035",
+            "nudge_event_age_at_claim_seconds_count 5",
+            "nudge_wake_to_claim_seconds_count 0",
+            "nudge_claim_to_routed_seconds_count 0",
+            "nudge_routed_to_written_seconds_count 0",
+            "nudge_claim_duration_seconds_count 0",
         ] {
             assert!(out.lines().any(|l| l == line), "missing {line:?} in:\n{out}");
         }

@@ -311,7 +311,7 @@ impl Relay {
             let started = Instant::now();
             let claim = events::claim_batch(&self.pool, self.settings.claim_batch, self.settings.max_age, tell_others);
             let claimed = events::within(&self.pool, self.statement_timeout, claim).await?;
-            self.metrics.claim_durations.record(started.elapsed());
+            self.metrics.stages.claim.record(started.elapsed());
             total += claimed.claimed;
             self.metrics.claimed.fetch_add(claimed.claimed as u64, Ordering::Relaxed);
             self.metrics.expired.fetch_add(claimed.expired as u64, Ordering::Relaxed);
