@@ -13,12 +13,16 @@
 //! Modes (docs/performance.md names the targets):
 //! - `targeted`: event K goes to user u{K mod N}; latency from the producer's COMMIT returning to the receive.
 //! - `topic`: every connection subscribes topic `bench`; every event goes to all of them.
-//! - `wakeup` (P9): rows are written with the trigger off, then the recipient's connection sends `wakeup`;
-//!   latency from the wakeup sent to the event received.
+//! - `wakeup` (P9, P17): rows are written with the trigger off, then the recipient's connection sends `wakeup`;
+//!   latency from the wakeup sent to the event received. With `--pause` a closed loop (P17's lone client): each
+//!   wakeup waits for its event, then the pause, for `--count` events.
 //! - `backlog` (P7): `--backlog` rows in one transaction with the trigger off, then one `wakeup`; deliveries per
 //!   second and latency from that COMMIT until every row has arrived.
 //! - `produce` (P8): writers INSERT into `--table` and nothing else; the producer's ceiling.
 //! - `saturate` (P5): against `nudge-ceiling`: one `wakeup`, then count the broadcast frames per connection.
+//! - `floor`: no server. The NOTIFY round trip (a producer's COMMIT → the notification on a LISTEN session) and
+//!   one `nudge.claim()` of that row on the open LISTEN session, `--count` samples (floor.rs): the physical limit
+//!   every latency is compared with.
 //! - `history` (P14): fill an empty `nudge.events` with `--history` delivered events spread over many users and
 //!   topics, before nudge starts (storm.rs); nothing else.
 //! - `storm` (P14): one live client receives targeted events at `--rate` while, in each of `--storm-rounds`
@@ -27,6 +31,10 @@
 //!   commit time: a storm phase lasts from the first connect until the last client has its `resumed` and has
 //!   closed; the half second after it counts for neither.
 //!
+//! `--active K` (P16's idle crowd): targeted events go to the first K users only; the other connections stay
+//! connected, authenticated and idle. `--drain-max` bounds the wait for a backlog after producing (P18's ingest
+//! runs report what was delivered while producing and the backlog left when the producers stopped).
+//!
 //! `--slow-readers K` (P13) makes K connections read one event frame, then wait 1 / `--slow-rate`: clients that
 //! fall behind without stopping. They are counted apart (`slow_readers`); after producing they read at full speed
 //! until every event has arrived or `--grace` passes without one.
@@ -34,6 +42,7 @@
 //! `--workers K` splits the connections over K processes of this same executable (remote.rs): one process runs
 //! out of file descriptors (and one source address out of ephemeral ports) long before nudge does.
 
+mod floor;
 mod produce;
 mod remote;
 mod stats;
@@ -73,6 +82,8 @@ pub enum Mode {
     History,
     /// A live client at `--rate` targeted events/s; rounds of calm and of `--storm` clients resuming from 0.
     Storm,
+    /// No server: the NOTIFY round trip plus one claim statement, `--count` samples (the floor).
+    Floor,
 }
 
 #[derive(Debug, Parser)]
@@ -143,6 +154,21 @@ pub struct Args {
     /// limit). 0: `{"bench": true}`.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=4096))]
     data_bytes: u32,
+    /// Targeted mode: events go to users u0..u{K-1} only; the other connections stay connected and idle (an idle
+    /// crowd). 0: every connection receives events.
+    #[arg(long, default_value_t = 0)]
+    active: usize,
+    /// Wakeup mode with --pause, and floor mode: this many events (samples); 0 = until --duration (floor: 200).
+    #[arg(long, default_value_t = 0)]
+    count: u64,
+    /// Wakeup mode, closed loop (one writer): after each wakeup wait for its event, then pause this long. Floor
+    /// mode: the pause between samples (default 10 ms).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pause: Option<Duration>,
+    /// After producing, wait at most this long for the remaining deliveries (however fast they still arrive):
+    /// ingest runs whose backlog would take minutes to drain. What is missing then is `drain_cut`, not lost.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    drain_max: Option<Duration>,
     /// Backlog mode: rows inserted before measuring.
     #[arg(long, default_value_t = 100_000)]
     backlog: u64,
@@ -250,6 +276,18 @@ fn validate(args: &Args) -> Result<(), String> {
             return Err("--history and --history-users must be positive, --history-topics at least 2".into());
         }
         return Ok(());
+    }
+    if args.mode == Mode::Floor {
+        if args.database_url.is_none() {
+            return Err("--database-url (or NUDGE_DATABASE_URL) is required in floor mode".into());
+        }
+        return Ok(());
+    }
+    if args.active > 0 && (args.mode != Mode::Targeted || args.active > args.connections) {
+        return Err("--active: targeted mode, at most --connections".into());
+    }
+    if (args.pause.is_some() || args.count > 0) && (args.mode != Mode::Wakeup || args.writers != 1) {
+        return Err("--pause and --count: wakeup mode (closed loop), --writers 1; or floor mode".into());
     }
     if args.mode == Mode::Storm {
         if args.workers != 1 || args.connections != 1 || args.urls.len() != 1 {
@@ -520,6 +558,10 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
         return Ok(json!({"mode": "history", "events": args.history, "users": args.history_users,
                          "topics": args.history_topics, "secs": secs}));
     }
+    if args.mode == Mode::Floor {
+        let pause = args.pause.unwrap_or(Duration::from_millis(10));
+        return floor::run(args.database_url.as_deref().unwrap_or_default(), args.count, pause).await;
+    }
     let workers = if args.connections == 0 { 0 } else { args.workers.min(args.connections) };
     let per_process = args.connections.div_ceil(workers.max(1));
     if let Some(soft) = raise_nofile_limit() {
@@ -577,6 +619,8 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
 
     let database_url = args.database_url.clone().unwrap_or_default();
     let mut slow_report = None;
+    // Targeted, topic and wakeup modes: what was delivered while producing, and the backlog at the end.
+    let mut keep_up = None;
     // With --scrape-metrics, when the slow-consumer counters moved: every second, from here to the end.
     let timeline: Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Arc::default();
     let watcher = args.scrape_metrics.then(|| tokio::spawn(watch_metrics(args.urls.clone(), timeline.clone())));
@@ -584,9 +628,11 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
     let (mut phases, mut rounds) = (Vec::new(), Vec::new());
     let produced = match args.mode {
         Mode::Targeted | Mode::Topic | Mode::Wakeup | Mode::Produce => {
-            let sinks = match (&handles[..], args.mode) {
-                ([Handle::Local(worker)], Mode::Wakeup) => Some(worker.sinks()),
-                _ => None,
+            let (sinks, closed_loop) = match (&handles[..], args.mode) {
+                ([Handle::Local(worker)], Mode::Wakeup) => {
+                    (Some(worker.sinks()), args.pause.map(|pause| (pause, worker.counters())))
+                }
+                _ => (None, None),
             };
             let setup = Writers {
                 database_url,
@@ -599,6 +645,9 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
                 stalled: args.stalled,
                 table: args.table.clone(),
                 sinks,
+                active: args.active,
+                count: args.count,
+                closed_loop,
                 window: (args.window > 0)
                     .then(|| Window::new(args.window, handles.iter().map(Handle::progress).collect())),
                 data: event_data(args.data_bytes as usize),
@@ -606,6 +655,8 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
             };
             let out = produce(Arc::new(setup)).await?;
             let slow_while_producing: u64 = handles.iter().map(Handle::slow_received).sum();
+            // Delivered while the producers ran (as of the workers' last look, at most 10 ms old).
+            let while_producing = received(&handles);
             let expected = match args.mode {
                 Mode::Topic => out.events * reading,
                 Mode::Produce => 0,
@@ -615,7 +666,31 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
                 "nudge-bench: produced {} events in {:.2}s; waiting for {expected} deliveries",
                 out.events, out.secs
             );
-            wait_for(&handles, expected, args.grace).await;
+            let drain = tokio::time::Instant::now();
+            let cut = match args.drain_max {
+                Some(max) => tokio::time::timeout(max, wait_for(&handles, expected, args.grace)).await.is_err(),
+                None => {
+                    wait_for(&handles, expected, args.grace).await;
+                    false
+                }
+            };
+            if args.mode != Mode::Produce {
+                let left = expected.saturating_sub(received(&handles));
+                keep_up = Some(json!({
+                    "producing_s": out.secs,
+                    "received_while_producing": while_producing,
+                    "deliveries_per_s_while_producing": while_producing as f64 / out.secs.max(1e-9),
+                    // Deliveries while producing over deliveries due from what was committed meanwhile.
+                    "ratio": while_producing as f64 / expected.max(1) as f64,
+                    "backlog_at_end": expected.saturating_sub(while_producing),
+                    "drain_s": drain.elapsed().as_secs_f64(),
+                    "drain_cut": cut,
+                    "left_after_drain": left,
+                }));
+                if cut {
+                    eprintln!("nudge-bench: --drain-max reached with {left} deliveries still to come");
+                }
+            }
             if slow_connected > 0 {
                 // Do the slow readers get every event? Let them read at full speed and wait, as for the others.
                 let slow_expected = out.events * slow_connected;
@@ -664,6 +739,9 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
                 stalled: 0,
                 table: args.table.clone(),
                 sinks: None,
+                active: 0,
+                count: 0,
+                closed_loop: None,
                 window: None,
                 data: event_data(args.data_bytes as usize),
                 stop: Some(stop.clone()),
@@ -705,7 +783,7 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
                 window_min_s: out.secs,
             }
         }
-        Mode::History => unreachable!("history mode returns before connecting"),
+        Mode::History | Mode::Floor => unreachable!("history and floor modes return before connecting"),
         Mode::Backlog => {
             let backlog = insert_backlog(&database_url, args.backlog, args.connections, args.stalled).await?;
             eprintln!(
@@ -911,6 +989,9 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
         "server_cpu_s": cpu_after - cpu_before,
         "data_bytes": args.data_bytes,
         "slow_readers": slow_report,
+        "active": (args.active > 0).then_some(args.active),
+        "keep_up": keep_up.clone(),
+        "drain_cut": keep_up.as_ref().is_some_and(|k| k["drain_cut"] == json!(true)),
         "storm": storm_report,
         "server_metrics": server_metrics,
         "server_metrics_timeline": metrics_timeline,

@@ -29,6 +29,13 @@ pub struct Writers {
     pub table: String,
     /// Wakeup mode: the write halves of the (single, in-process) worker's connections, by index.
     pub sinks: Option<Arc<Sinks>>,
+    /// Targeted mode: events go to users u0..u{active-1} only (0: to every connection).
+    pub active: usize,
+    /// Stop after this many events (0: at the end of `duration`).
+    pub count: u64,
+    /// Wakeup mode, closed loop: after each wakeup wait until its event has been read (the worker's per-connection
+    /// counters), then pause this long.
+    pub closed_loop: Option<(Duration, Arc<Vec<Arc<AtomicU64>>>)>,
     /// Closed loop (`--window`), or None: the writers keep the rate whatever the readers do.
     pub window: Option<Window>,
     /// Each event's `data`, a JSON object (`event_data`): interpolated into the INSERT.
@@ -172,7 +179,7 @@ async fn write_events(
     started: Instant,
 ) -> Result<WriterLog, String> {
     let writers = setup.writers.max(1);
-    let n = setup.connections.max(1);
+    let n = if setup.active > 0 { setup.active } else { setup.connections.max(1) };
     let per_tick = if matches!(setup.mode, Mode::Targeted | Mode::Topic) { setup.batch.max(1) } else { 1 };
     // Whether an event to this recipient is expected back: every topic event; targeted ones unless the
     // recipient's connection was told to stop reading.
@@ -191,7 +198,8 @@ async fn write_events(
     let mut log = WriterLog { events: 0, expected: 0, commits: Vec::new() };
     let mut k = w;
     let stopped = || setup.stop.as_ref().is_some_and(|stop| stop.load(Ordering::Relaxed));
-    while started.elapsed() < setup.duration && !stopped() {
+    let enough = |events: u64| setup.count > 0 && events >= setup.count;
+    while started.elapsed() < setup.duration && !stopped() && !enough(log.events) {
         if let Some(tick) = &mut tick {
             // A slow rate's next tick can fall past the end: stop on time rather than one period late.
             if tokio::time::timeout_at(started + setup.duration, tick.tick()).await.is_err() {
@@ -252,16 +260,28 @@ async fn write_events(
                     k += writers;
                 }
                 let Some(Some(sink)) = sinks.get(recipient) else { continue };
+                let read = |counters: &[Arc<AtomicU64>]| counters.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+                let before: u64 = setup.closed_loop.as_ref().map_or(0, |(_, counters)| read(counters));
                 let recipients = Some(vec![format!("u{recipient}")]);
                 let row = client.query_one(statement, &[&recipients]).await.map_err(|e| e.to_string())?;
-                let mut sink = sink.lock().await;
-                // Latency is measured from here: the client sending its wakeup for a row already committed.
-                let sent_us = now_us();
-                sink.send(wakeup_message()).await.map_err(|e| format!("sending wakeup: {e}"))?;
-                log.commits.push((row.get(0), sent_us));
-                log.expected += 1;
+                {
+                    let mut sink = sink.lock().await;
+                    // Latency is measured from here: the client sending its wakeup for a row already committed.
+                    let sent_us = now_us();
+                    sink.send(wakeup_message()).await.map_err(|e| format!("sending wakeup: {e}"))?;
+                    log.commits.push((row.get(0), sent_us));
+                    log.expected += 1;
+                }
+                if let Some((pause, counters)) = &setup.closed_loop {
+                    // The reader records the receive time itself: this poll only paces the loop.
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    while read(counters) <= before && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    tokio::time::sleep(*pause).await;
+                }
             }
-            Mode::Backlog | Mode::Saturate | Mode::History | Mode::Storm => {
+            Mode::Backlog | Mode::Saturate | Mode::History | Mode::Storm | Mode::Floor => {
                 return Err("no writers in this mode".into())
             }
         }

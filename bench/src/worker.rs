@@ -317,6 +317,11 @@ impl Worker {
         self.sinks.clone()
     }
 
+    /// Event frames read so far by each reading connection, counted as they arrive (the closed-loop wakeup).
+    pub fn counters(&self) -> Arc<Vec<Arc<AtomicU64>>> {
+        self.per_reader.clone()
+    }
+
     /// Send one `wakeup` on this worker's first live reading connection (backlog and saturate modes).
     pub async fn wakeup(&self) -> Result<(), String> {
         let sink = self.sinks.iter().flatten().next().ok_or("no live connection to send a wakeup on")?;
