@@ -25,6 +25,7 @@ pub mod outbox;
 pub mod presence;
 pub mod protocol;
 pub mod relay;
+pub mod replay;
 pub mod shutdown;
 pub mod supervisor;
 pub mod wake;
