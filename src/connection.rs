@@ -17,8 +17,7 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, MissedTickBehavior};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
@@ -36,7 +35,6 @@ mod rate;
 mod write;
 
 use rate::RateLimit;
-use write::{write_with_progress, Stalled};
 
 /// Queued events written per flush: several frames per syscall, but a bounded stall for replies.
 const FRAMES_PER_FLUSH: usize = 64;
@@ -385,61 +383,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.write(Message::Text(ready.into())).await
     }
 
-    /// Write this event and whatever else is queued, up to a bound, with one `write()`: the frames are encoded
-    /// into one buffer (`protocol::encode_text_frame`) and written to the socket directly. One write per frame
-    /// costs several times more per event (nudge-bench's topic scenarios).
+    /// Write this event and whatever else is queued, up to a bound, with one `write()` (`write.rs`): a write
+    /// per frame would cost a system call per event.
     async fn write_events(&mut self, first: Frame) -> Step {
         let Some(session) = &mut self.session else { return Step::Continue };
         let mut frames = Vec::with_capacity(FRAMES_PER_FLUSH);
         frames.push(first);
         session.outbox.pop_many(&mut frames, FRAMES_PER_FLUSH - 1);
         self.write_frames(&frames).await
-    }
-
-    /// Write the live frames the join admits (a replay or a catch-up may have written some already), in one
-    /// buffer.
-    async fn write_frames(&mut self, frames: &[Frame]) -> Step {
-        let Some(session) = &mut self.session else { return Step::Continue };
-        let mut batch = Vec::new();
-        for frame in frames.iter().filter(|frame| session.written.admit(frame.seq)) {
-            protocol::encode_text_frame(&mut batch, frame.text.as_bytes());
-        }
-        self.write_encoded(&batch).await
-    }
-
-    /// Write frames read from the table, all of them, in one buffer: one `write()`, so that a storm of resumes
-    /// does not cost a system call per replayed event.
-    async fn write_replayed(&mut self, frames: &[Frame]) -> Step {
-        let mut batch = Vec::new();
-        for frame in frames {
-            protocol::encode_text_frame(&mut batch, frame.text.as_bytes());
-        }
-        self.write_encoded(&batch).await
-    }
-
-    /// Write frames already encoded into one buffer with one `write()`, after whatever tungstenite holds.
-    async fn write_encoded(&mut self, batch: &[u8]) -> Step {
-        if batch.is_empty() {
-            return Step::Continue;
-        }
-        let limit = self.shared.limits.write_timeout;
-        // Anything tungstenite still holds (a reply, an automatic pong) goes first: frames never interleave.
-        match tokio::time::timeout(limit, self.ws.flush()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Step::Gone(format!("write failed: {e}")),
-            Err(_) => return not_reading(),
-        }
-        match write_with_progress(self.ws.get_mut(), batch, limit).await {
-            Ok(()) => Step::Continue,
-            Err(Stalled::Io(e)) => Step::Gone(format!("write failed: {e}")),
-            // Nothing of this batch went out: the stream is at a frame boundary, a close frame is still valid.
-            Err(Stalled::AtBoundary) => not_reading(),
-            Err(Stalled::MidFrame) => {
-                // A close frame now would be read as the rest of the cut frame: drop the socket instead.
-                self.shared.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                Step::Gone("not reading (write timed out mid-frame)".into())
-            }
-        }
     }
 
     /// The outbox overflowed and has been refusing live frames: rejoin the live stream and write, chunk by
@@ -500,24 +451,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     async fn error(&mut self, code: ErrorCode, message: String, reference: Option<Value>) -> Step {
         written(self.reply(Reply::Error { code, message: &message }, reference.as_ref()).await)
     }
-
-    async fn write(&mut self, message: Message) -> Result<(), WsError> {
-        match tokio::time::timeout(self.shared.limits.write_timeout, self.ws.send(message)).await {
-            Ok(result) => result,
-            Err(_) => Err(WsError::Io(std::io::ErrorKind::TimedOut.into())),
-        }
-    }
-
-    /// Send a close frame and wait (briefly) for the peer's, so the client reads our code rather than a reset.
-    async fn close(&mut self, code: u16, reason: &str) {
-        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            if self.ws.close(Some(frame)).await.is_ok() {
-                while let Some(Ok(_)) = self.ws.next().await {}
-            }
-        })
-        .await;
-    }
 }
 
 /// The step after a write: go on, or give up on a peer we cannot write to.
@@ -542,10 +475,6 @@ async fn next_event(session: &mut Option<Session>) -> Next {
         Some(session) => session.outbox.next().await,
         None => std::future::pending().await,
     }
-}
-
-fn not_reading() -> Step {
-    Step::Close { code: protocol::CLOSE_TOO_SLOW, reason: "not reading", error: None }
 }
 
 fn instant_of(at: SystemTime) -> Instant {

@@ -36,3 +36,22 @@ impl RateLimit {
         format!("more than {} messages per second; this one was dropped", self.rate)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_rate_messages_then_one_per_share_of_a_second() {
+        let mut limit = RateLimit::new(4);
+        assert_eq!((0..5).map(|_| limit.allow()).collect::<Vec<_>>(), [true, true, true, true, false]);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(limit.allow());
+        assert!(!limit.allow());
+        // Idle for long: the bucket refills to one burst, not more.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!((0..5).filter(|_| limit.allow()).count(), 4);
+    }
+}
