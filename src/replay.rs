@@ -1,11 +1,14 @@
 //! The join of the table and the live stream: what a connection reads from `nudge.events` (a client's `resume`,
 //! a slow consumer's catch-up) and how it meets the frames the hub queues for it.
 //!
-//! **The rule.** The hub's cursor splits a connection's events in two at the instant the connection subscribed
-//! (for `resume`) or rejoined (for a catch-up), both under the hub's write lock, so no batch is half routed then:
-//! everything above that cursor reaches the connection live, through its outbox; everything at or below it that
-//! the connection has not written comes from the table, read by `seq`. [`Written`] is what the join remembers of
-//! one connection: the highest seq it wrote, and, until it resumes, the seqs of the live events it wrote.
+//! **The rule.** At one instant the hub's cursor splits a connection's events in two: those at or below it come
+//! from the table, read by seq; those above it come live, through the connection's outbox. For a catch-up that
+//! instant is `Hub::rejoin`, under the hub's write lock, so no batch is half routed: every event up to the cursor
+//! was refused by the outbox, every later one is queued. For a `resume` it is when the request is served: the
+//! connection subscribed before (under the write lock too), so an event routed since then is both in the table
+//! and queued or already written live; the replay leaves out the ones already written, and queued ones at or
+//! below the cursor are dropped when their turn comes. [`Written`] is what the join remembers of one
+//! connection: the highest seq it wrote, and, until it resumes, the seqs of the live events it wrote.
 //!
 //! **Invariants**, per connection:
 //! - *No event written twice.* A live frame at or below the highest seq written is dropped ([`Written::admit`]),
@@ -27,7 +30,7 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use tokio::time::Instant;
 
-use crate::db::events::{self, QueryError, Replay};
+use crate::db::events::{self, Replay};
 use crate::hub::{self, Frame, Hub};
 use crate::outbox::Outbox;
 
@@ -57,7 +60,7 @@ pub trait History: Sync {
         since: i64,
         until: i64,
         limit: i64,
-    ) -> impl Future<Output = Result<Replay, QueryError>> + Send;
+    ) -> impl Future<Output = Result<Replay, events::QueryError>> + Send;
 }
 
 /// The table, as replays read it.
@@ -70,6 +73,7 @@ pub struct Replays {
 }
 
 impl Replays {
+    /// `pool` should be the replay pool, apart from the relay's: see the field.
     pub fn new(pool: Pool, statement_timeout: Duration) -> Self {
         Replays { pool, statement_timeout }
     }
@@ -83,7 +87,7 @@ impl History for Replays {
         since: i64,
         until: i64,
         limit: i64,
-    ) -> Result<Replay, QueryError> {
+    ) -> Result<Replay, events::QueryError> {
         let query = events::replay(&self.pool, user, topics, since, until, limit);
         events::within(&self.pool, self.statement_timeout, query).await
     }
@@ -104,6 +108,7 @@ pub struct Written {
 /// What a connection remembers of its live events until it resumes.
 #[derive(Debug)]
 enum BeforeResume {
+    /// At most `SENT_BEFORE_RESUME`, in the order written; searched linearly, once, by the replay.
     Seqs(Vec<i64>),
     /// More than `SENT_BEFORE_RESUME` were written, or a catch-up wrote from the table: a later `resume` cannot
     /// tell which events it would repeat.
@@ -182,7 +187,8 @@ pub async fn resume<H: History>(
     // Waiting for a connection of the replay pool counts too: under a storm of resumes each client still hears
     // back soon.
     let read = history.read(user, topics, since, until, RESUME_LIMIT);
-    let replay = tokio::time::timeout(RESUME_DEADLINE, read).await.unwrap_or(Err(QueryError::Timeout(RESUME_DEADLINE)));
+    let replay =
+        tokio::time::timeout(RESUME_DEADLINE, read).await.unwrap_or(Err(events::QueryError::Timeout(RESUME_DEADLINE)));
     let (events, complete, skip_through) = match replay {
         Ok(replay) => (replay.events, replay.complete && known, replay.skip_through),
         Err(e) => {
@@ -324,10 +330,17 @@ mod tests {
     }
 
     impl History for Table {
-        async fn read(&self, _: &str, _: &[&str], since: i64, until: i64, limit: i64) -> Result<Replay, QueryError> {
+        async fn read(
+            &self,
+            _: &str,
+            _: &[&str],
+            since: i64,
+            until: i64,
+            limit: i64,
+        ) -> Result<Replay, events::QueryError> {
             self.reads.lock().unwrap().push((since, until, limit));
             match self.fault {
-                Some(Fault::Fails) => return Err(QueryError::Timeout(Duration::from_secs(1))),
+                Some(Fault::Fails) => return Err(events::QueryError::Timeout(Duration::from_secs(1))),
                 Some(Fault::TakesLonger(delay)) => tokio::time::sleep(delay).await,
                 None => {}
             }
