@@ -1,8 +1,9 @@
 //! One WebSocket connection's state machine: authenticate, then serve requests and write queued events.
 //!
 //! One task per connection owns the socket; nothing else writes to it. Events reach it through the bounded
-//! queue the hub fills, replies are written directly. A queue that overflowed makes the connection catch up from
-//! the table (`catch_up`) instead of closing it. The task ends on the client's close, an error, an authentication
+//! queue the hub fills, replies are written directly. What it reads from the table (a `resume`, the catch-up of a
+//! queue that overflowed) it gets from `replay.rs`, which joins it to the live stream; this file speaks the
+//! protocol and writes frames. The task ends on the client's close, an error, an authentication
 //! failure (4001), an oversized frame (1009), a socket that accepts nothing for `NUDGE_WRITE_TIMEOUT` (1013), or
 //! shutdown (1001), and always unregisters from the hub on the way out, even if it panicked.
 
@@ -12,47 +13,46 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use deadpool_postgres::Pool;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, MissedTickBehavior};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::auth::{Authenticator, Identity};
 use crate::config::ConnectionLimits;
-use crate::db::events;
 use crate::health::Metrics;
 use crate::hub::{ConnId, Frame, Hub};
 use crate::outbox::{Control, Next, Outbox};
 use crate::protocol::{self, ErrorCode, Reply, Request};
+use crate::replay::{self, CatchUp, Chunk, Replays, Written};
 use crate::shutdown::Shutdown;
 use crate::wake::Wakeups;
 
+mod rate;
+mod write;
+
+use rate::RateLimit;
+
 /// Queued events written per flush: several frames per syscall, but a bounded stall for replies.
 const FRAMES_PER_FLUSH: usize = 64;
-/// Events one `resume` replays at most; beyond that the reply says `complete: false` and the client refetches.
-pub const RESUME_LIMIT: i64 = 1000;
-/// A `resume` whose replay (waiting for a connection of the replay pool included) takes longer answers
-/// `complete: false` with what it has not got: the client refetches rather than waits.
-const RESUME_DEADLINE: Duration = Duration::from_secs(4);
 
 /// What every connection needs from the rest of nudge.
 pub struct Shared {
+    /// Where the connection registers, subscribes, and finds the cursor its replays join at.
     pub hub: Arc<Hub>,
     /// A client's `wakeup` asks for a claim pass.
     pub wakeups: Arc<Wakeups>,
+    /// Verifies `auth` and `refresh` tokens (and waits for a JWKS that is still being fetched).
     pub authenticator: Arc<Authenticator>,
+    /// Connections opened, slow consumers closed.
     pub metrics: Arc<Metrics>,
+    /// What one connection may do and cost: its queue, its subscriptions, its rates and timeouts.
     pub limits: ConnectionLimits,
-    /// For `resume` replays and catch-ups: a pool of its own (`NUDGE_REPLAY_POOL_SIZE`), so that a storm of
-    /// replays queues behind itself, never in front of claims and live delivery.
-    pub replay_pool: Pool,
-    /// Client-side limit on each replay query.
-    pub statement_timeout: Duration,
+    /// The table, for `resume` replays and catch-ups.
+    pub replays: Replays,
 }
 
 impl Shared {
@@ -70,30 +70,17 @@ impl Shared {
 
 /// After authentication: who this is, and what they are subscribed to.
 struct Session {
+    /// Its key in the hub, for subscribing and unregistering.
     id: ConnId,
+    /// Who this is, and the topics their token allows; replaced by a `refresh` for the same user.
     identity: Identity,
     /// Events routed to this connection, or word that it fell behind and must catch up from the table.
     outbox: Arc<Outbox>,
     /// At most `max_subscriptions`, so a Vec and a linear search.
     topics: Vec<Box<str>>,
-    /// Highest seq written to the socket; live frames at or below it were already sent by a `resume` replay or
-    /// a catch-up. Where a catch-up starts.
-    last_sent_seq: i64,
-    /// Live events written before a `resume` (it comes right after subscribing, so these are few): the replay
-    /// leaves them out. Dropped after `SENT_BEFORE_RESUME` entries, to keep long-lived connections small.
-    sent_before_resume: SentBeforeResume,
-    resumed: bool,
+    /// What the join of replay and live stream needs to know of what this connection wrote.
+    written: Written,
 }
-
-/// What a connection remembers of its live events until it resumes.
-enum SentBeforeResume {
-    Seqs(Vec<i64>),
-    /// More than `SENT_BEFORE_RESUME` were sent: a later `resume` cannot tell which events it would repeat.
-    TooMany,
-}
-
-/// Live events remembered per connection for a later `resume`.
-const SENT_BEFORE_RESUME: usize = 64;
 
 /// How the loop goes on after one step.
 enum Step {
@@ -140,10 +127,14 @@ pub async fn serve<S>(
 }
 
 struct Connection<S> {
+    /// The socket; only this task writes to it.
     ws: WebSocketStream<S>,
     shared: Arc<Shared>,
+    /// For the log.
     peer: SocketAddr,
+    /// `None` until the connection authenticates: until then nothing is routed to it.
     session: Option<Session>,
+    /// Counts every message the client sends, before it is parsed.
     rate: RateLimit,
     /// Last time the peer sent anything, pongs included: a silent peer is a dead one.
     last_heard: Instant,
@@ -388,21 +379,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.shared.metrics.connections_opened.fetch_add(1, Ordering::Relaxed);
         tracing::info!(conn = id, user = %identity.user, peer = %self.peer, "connection opened");
         let ready = Reply::Ready { user: &identity.user, expires_at: identity.expires_at }.encode(reference);
-        self.session = Some(Session {
-            id,
-            identity,
-            outbox,
-            topics: Vec::new(),
-            last_sent_seq: 0,
-            sent_before_resume: SentBeforeResume::Seqs(Vec::new()),
-            resumed: false,
-        });
+        self.session = Some(Session { id, identity, outbox, topics: Vec::new(), written: Written::default() });
         self.write(Message::Text(ready.into())).await
     }
 
-    /// Write this event and whatever else is queued, up to a bound, with one `write()`: the frames are encoded
-    /// into one buffer (`protocol::encode_text_frame`) and written to the socket directly. One write per frame
-    /// costs several times more per event (nudge-bench's topic scenarios).
+    /// Write this event and whatever else is queued, up to a bound, with one `write()` (`write.rs`): a write
+    /// per frame would cost a system call per event.
     async fn write_events(&mut self, first: Frame) -> Step {
         let Some(session) = &mut self.session else { return Step::Continue };
         let mut frames = Vec::with_capacity(FRAMES_PER_FLUSH);
@@ -411,110 +393,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.write_frames(&frames).await
     }
 
-    /// Write event frames not yet written (seq above `last_sent_seq`), in one buffer, remembering what was sent.
-    async fn write_frames(&mut self, frames: &[Frame]) -> Step {
-        let Some(session) = &mut self.session else { return Step::Continue };
-        let mut batch = Vec::new();
-        for frame in frames {
-            // At or below last_sent_seq: a resume replay or a catch-up already wrote it.
-            if frame.seq > session.last_sent_seq {
-                if let (false, SentBeforeResume::Seqs(seqs)) = (session.resumed, &mut session.sent_before_resume) {
-                    if seqs.len() < SENT_BEFORE_RESUME {
-                        seqs.push(frame.seq);
-                    } else {
-                        session.sent_before_resume = SentBeforeResume::TooMany;
-                    }
-                }
-                session.last_sent_seq = frame.seq;
-                protocol::encode_text_frame(&mut batch, frame.text.as_bytes());
-            }
-        }
-        self.write_encoded(&batch).await
-    }
-
-    /// Write frames already encoded into one buffer with one `write()`, after whatever tungstenite holds.
-    async fn write_encoded(&mut self, batch: &[u8]) -> Step {
-        if batch.is_empty() {
-            return Step::Continue;
-        }
-        let limit = self.shared.limits.write_timeout;
-        // Anything tungstenite still holds (a reply, an automatic pong) goes first: frames never interleave.
-        match tokio::time::timeout(limit, self.ws.flush()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Step::Gone(format!("write failed: {e}")),
-            Err(_) => return not_reading(),
-        }
-        match write_with_progress(self.ws.get_mut(), batch, limit).await {
-            Ok(()) => Step::Continue,
-            Err(Stalled::Io(e)) => Step::Gone(format!("write failed: {e}")),
-            // Nothing of this batch went out: the stream is at a frame boundary, a close frame is still valid.
-            Err(Stalled::AtBoundary) => not_reading(),
-            Err(Stalled::MidFrame) => {
-                // A close frame now would be read as the rest of the cut frame: drop the socket instead.
-                self.shared.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                Step::Gone("not reading (write timed out mid-frame)".into())
-            }
-        }
-    }
-
-    /// The outbox overflowed and has been refusing live frames: rejoin the live stream, then write from the
-    /// table what was refused, i.e. this connection's events in (last written, cursor at rejoin]. Live frames
-    /// queued meanwhile are all above that cursor and follow. If the queue overflows again during this, the
-    /// outbox falls behind again and, once drained, sends us here again.
+    /// The outbox overflowed and has been refusing live frames: rejoin the live stream and write, chunk by
+    /// chunk, what the table holds of what was refused (`replay::CatchUp`). A catch-up that cannot read its
+    /// events closes with 1013: the client reconnects and resumes.
     async fn catch_up(&mut self) -> Step {
         let Some(session) = &mut self.session else { return Step::Continue };
-        let until = self.shared.hub.rejoin(&session.outbox);
-        // The seqs written now are not remembered one by one: a later `resume` replays nothing (incomplete).
-        session.sent_before_resume = SentBeforeResume::TooMany;
+        let queue = self.shared.limits.outbound_queue;
+        let catch_up = CatchUp::start(&self.shared.hub, &session.outbox, &mut session.written, queue);
         loop {
-            let Some(session) = &self.session else { return Step::Continue };
-            let since = session.last_sent_seq;
-            if since >= until {
-                return Step::Continue;
-            }
+            let Some(session) = &mut self.session else { return Step::Continue };
             let topics: Vec<&str> = session.topics.iter().map(|t| &**t).collect();
-            let user = session.identity.user.clone();
-            // At most a queue's worth per query: a connection behind holds no more than one that is not.
-            let batch = self.shared.limits.outbound_queue.max(1) as i64;
-            let replay = events::within(
-                &self.shared.replay_pool,
-                self.shared.statement_timeout,
-                events::replay(&self.shared.replay_pool, &user, &topics, since, until, batch),
-            )
-            .await;
+            let user = &session.identity.user;
+            let chunk = catch_up.next(&self.shared.replays, &mut session.written, user, &topics).await;
             drop(topics);
-            let replay = match replay {
-                Ok(replay) => replay,
-                Err(e) => {
-                    tracing::warn!(user = %user, "catch-up failed, closing the connection (it can resume): {e}");
-                    return Step::Close { code: protocol::CLOSE_TOO_SLOW, reason: "could not catch up", error: None };
+            match chunk {
+                Chunk::Write(frames) => {
+                    if let step @ (Step::Close { .. } | Step::Gone(_)) = self.write_replayed(&frames).await {
+                        return step;
+                    }
                 }
-            };
-            if replay.events.is_empty() && !replay.complete {
-                // Deleted after the retention while this connection was behind: it must refetch.
-                return Step::Close {
-                    code: protocol::CLOSE_TOO_SLOW,
-                    reason: "fell behind the retention",
-                    error: None,
-                };
-            }
-            let frames: Vec<Frame> = replay.events.iter().map(|e| crate::hub::encode(e, None)).collect();
-            if let step @ (Step::Close { .. } | Step::Gone(_)) = self.write_frames(&frames).await {
-                return step;
-            }
-            if let Some(session) = &mut self.session {
-                // Nothing else of this connection's lies below `reached`.
-                session.last_sent_seq = session.last_sent_seq.max(replay.reached);
+                Chunk::Done => return Step::Continue,
+                Chunk::Lost(reason) => return Step::Close { code: protocol::CLOSE_TOO_SLOW, reason, error: None },
             }
         }
     }
 
-    /// Replay this user's events in (since, until] and join them to the live stream with no gap and no
-    /// duplicate. `until` is the node cursor (everything up to it is already in the live queues), or just below
-    /// the first live event this connection got, whichever is lower.
+    /// `resume`: refused when repeated or with a negative `since`; otherwise write what `replay::resume` says
+    /// this connection missed, then `resumed`.
     async fn resume(&mut self, since: i64, reference: Option<&Value>) -> Step {
         let Some(session) = &mut self.session else { return Step::Continue };
-        if session.resumed {
+        if session.written.resumed() {
             let message = "resume is accepted once per connection, right after subscribing".into();
             return self.error(ErrorCode::BadRequest, message, reference.cloned()).await;
         }
@@ -523,54 +431,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 .error(ErrorCode::BadRequest, "`since` must be a seq (0 or more)".into(), reference.cloned())
                 .await;
         }
-        session.resumed = true;
-        let Some(cursor) = started_cursor(self.shared.hub.clone()).await else {
-            // The node has not read its starting position yet (the database is away): we cannot know what was
-            // missed, and saying so makes the client refetch, which is always correct.
-            return written(
-                self.reply(Reply::Resumed { since, until: since, replayed: 0, complete: false }, reference).await,
-            );
-        };
-        let Some(session) = &mut self.session else { return Step::Continue };
-        // Everything up to the cursor has been routed: what matched this connection then is queued or written.
-        // The replay covers (since, cursor] except the live events already written; queued ones are skipped
-        // below (at or below `until`). A connection that wrote too many live events to remember them cannot know
-        // what a replay would repeat: it replays nothing and says so (`complete: false`, the client refetches).
-        let (until, already_sent, known) =
-            match std::mem::replace(&mut session.sent_before_resume, SentBeforeResume::TooMany) {
-                SentBeforeResume::Seqs(seqs) => (cursor, seqs, true),
-                SentBeforeResume::TooMany => (since, Vec::new(), false),
-            };
         let topics: Vec<&str> = session.topics.iter().map(|t| &**t).collect();
-        let user = session.identity.user.clone();
-        // Waiting for a replay connection counts too: under a storm of resumes each client still hears back soon.
-        let pool = &self.shared.replay_pool;
-        let query = events::replay(pool, &user, &topics, since, until, RESUME_LIMIT);
-        let replay = tokio::time::timeout(RESUME_DEADLINE, events::within(pool, self.shared.statement_timeout, query))
-            .await
-            .unwrap_or(Err(events::QueryError::Timeout(RESUME_DEADLINE)));
+        let user = &session.identity.user;
+        let shared = &self.shared;
+        let resumed = replay::resume(&shared.replays, &shared.hub, &mut session.written, user, &topics, since).await;
         drop(topics);
-        let (mut events, complete, skip_through) = match replay {
-            Ok(replay) => (replay.events, replay.complete && known, replay.skip_through),
-            Err(e) => {
-                // Unknown is incomplete: the client refetches, which is always correct.
-                tracing::warn!(user = %user, "resume replay failed: {e}");
-                (Vec::new(), false, until)
-            }
-        };
-        events.retain(|event| !already_sent.contains(&event.seq));
-        let replayed = events.len();
-        // One buffer, one write(): a storm of resumes must not cost a system call per replayed event.
-        let mut batch = Vec::new();
-        for event in &events {
-            protocol::encode_text_frame(&mut batch, crate::hub::encode(event, None).text.as_bytes());
-        }
-        if let step @ (Step::Close { .. } | Step::Gone(_)) = self.write_encoded(&batch).await {
+        if let step @ (Step::Close { .. } | Step::Gone(_)) = self.write_replayed(&resumed.frames).await {
             return step;
         }
-        if let Some(session) = &mut self.session {
-            session.last_sent_seq = session.last_sent_seq.max(skip_through);
-        }
+        let (until, replayed, complete) = (resumed.until, resumed.frames.len(), resumed.complete);
         written(self.reply(Reply::Resumed { since, until, replayed, complete }, reference).await)
     }
 
@@ -581,39 +450,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Send an error that leaves the connection open.
     async fn error(&mut self, code: ErrorCode, message: String, reference: Option<Value>) -> Step {
         written(self.reply(Reply::Error { code, message: &message }, reference.as_ref()).await)
-    }
-
-    async fn write(&mut self, message: Message) -> Result<(), WsError> {
-        match tokio::time::timeout(self.shared.limits.write_timeout, self.ws.send(message)).await {
-            Ok(result) => result,
-            Err(_) => Err(WsError::Io(std::io::ErrorKind::TimedOut.into())),
-        }
-    }
-
-    /// Send a close frame and wait (briefly) for the peer's, so the client reads our code rather than a reset.
-    async fn close(&mut self, code: u16, reason: &str) {
-        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            if self.ws.close(Some(frame)).await.is_ok() {
-                while let Some(Ok(_)) = self.ws.next().await {}
-            }
-        })
-        .await;
-    }
-}
-
-/// The node cursor, once the node has read its starting position; waits a little for a node that just started.
-async fn started_cursor(hub: Arc<Hub>) -> Option<i64> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let value = hub.cursor();
-        if value >= 0 {
-            return Some(value);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -641,75 +477,9 @@ async fn next_event(session: &mut Option<Session>) -> Next {
     }
 }
 
-fn not_reading() -> Step {
-    Step::Close { code: protocol::CLOSE_TOO_SLOW, reason: "not reading", error: None }
-}
-
-/// Why `write_with_progress` gave up.
-enum Stalled {
-    Io(std::io::Error),
-    /// No byte of the buffer was accepted within the limit.
-    AtBoundary,
-    /// Part of it was: the stream now ends inside a frame.
-    MidFrame,
-}
-
-/// Write all of `buf`, giving up only when the socket accepts nothing for `limit`: a slow reader that keeps
-/// reading is never cut off, one that stopped is noticed after `limit` whatever the batch's size.
-async fn write_with_progress<W: AsyncWrite + Unpin>(
-    socket: &mut W,
-    buf: &[u8],
-    limit: Duration,
-) -> Result<(), Stalled> {
-    let mut written = 0;
-    while written < buf.len() {
-        match tokio::time::timeout(limit, socket.write(&buf[written..])).await {
-            Ok(Ok(0)) => return Err(Stalled::Io(std::io::ErrorKind::WriteZero.into())),
-            Ok(Ok(n)) => written += n,
-            Ok(Err(e)) => return Err(Stalled::Io(e)),
-            Err(_) if written == 0 => return Err(Stalled::AtBoundary),
-            Err(_) => return Err(Stalled::MidFrame),
-        }
-    }
-    match tokio::time::timeout(limit, socket.flush()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(Stalled::Io(e)),
-        Err(_) => Err(Stalled::MidFrame),
-    }
-}
-
 fn instant_of(at: SystemTime) -> Instant {
     let now = SystemTime::now();
     Instant::now() + at.duration_since(now).unwrap_or(Duration::ZERO)
-}
-
-/// Token bucket: `rate` messages per second, bursts of up to `rate`.
-struct RateLimit {
-    rate: f32,
-    tokens: f32,
-    last: Instant,
-}
-
-impl RateLimit {
-    fn new(rate: u32) -> Self {
-        RateLimit { rate: rate as f32, tokens: rate as f32, last: Instant::now() }
-    }
-
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f32() * self.rate).min(self.rate);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn message(&self) -> String {
-        format!("more than {} messages per second; this one was dropped", self.rate)
-    }
 }
 
 #[cfg(test)]
@@ -726,7 +496,6 @@ mod tests {
             leeway: Duration::ZERO,
         })
         .expect("settings");
-        let config: crate::db::Database = "host=127.0.0.1 user=x dbname=x".parse().expect("config");
         Arc::new(Shared {
             hub: Arc::new(Hub::new()),
             wakeups: Arc::default(),
@@ -741,8 +510,7 @@ mod tests {
                 ping_interval: Duration::from_secs(30),
                 write_timeout: Duration::from_secs(10),
             },
-            replay_pool: crate::db::pool(&config, 1).expect("pool"),
-            statement_timeout: Duration::from_secs(10),
+            replays: Replays::unconnected(),
         })
     }
 

@@ -31,7 +31,10 @@ pub struct Frame {
 }
 
 pub struct Hub {
+    /// Read-locked while routing, write-locked to change who is online: a subscribe or a rejoin never sees a
+    /// batch half routed.
     maps: RwLock<Maps>,
+    /// Connection ids are never reused, so a late `unregister` cannot remove a newer connection.
     next_id: AtomicU64,
     /// The node's delivery cursor: the highest seq routed, -1 until the node read its starting position. It is
     /// advanced while the maps' read lock is still held, so a connection that subscribes (write lock) afterwards
@@ -47,7 +50,9 @@ impl Default for Hub {
 
 /// One registered connection.
 struct Registered {
+    /// Where routing pushes this connection's frames and orders.
     outbox: Arc<Outbox>,
+    /// Whose connection this is: `unregister` and presence find the user's entries by it.
     user: Arc<str>,
     /// When it authenticated: presence's `since`.
     opened: std::time::SystemTime,
@@ -55,6 +60,7 @@ struct Registered {
 
 #[derive(Default)]
 struct Maps {
+    /// Every registered connection, by id.
     outboxes: HashMap<ConnId, Registered>,
     /// A user's connections: tabs and devices, usually a handful, so a Vec beats a set.
     by_user: HashMap<Arc<str>, Vec<ConnId>>,
@@ -315,7 +321,7 @@ mod tests {
         hub.route(&[event(4, "t", Some(&["slow"]))], None, &metrics);
         assert_eq!(ids(&slow_rx), [1, 2]);
         assert_eq!(slow_rx.next().await, crate::outbox::Next::Behind);
-        // The catch-up reads (2, 4] from the table, then rejoins; the next event is queued live.
+        // The catch-up rejoins at the cursor (4) and reads (2, 4] from the table; the next event is queued live.
         assert_eq!(hub.rejoin(&slow_rx), 4);
         hub.route(&[event(5, "t", Some(&["slow"]))], None, &metrics);
         assert_eq!(ids(&slow_rx), [5]);

@@ -4,7 +4,8 @@
 //! [`db::listen`] (NOTIFY) or a client's `wakeup` or the fallback poll -> [`wake::Wakeups`] ->
 //! [`relay`] (one claim pass at a time, [`db::events::claim_batch`]; every node's delivery loop reads past its
 //! cursor, [`db::events::read_after`]) -> [`hub::Hub`] (who is online) -> [`outbox::Outbox`] (per-connection
-//! queue) -> [`connection`] (one socket) -> the client.
+//! queue) -> [`connection`] (one socket) -> the client. What a connection reads from the table instead (a
+//! `resume`, the catch-up of a queue that overflowed) comes through [`replay`], which joins it to that stream.
 //!
 //! `ARCHITECTURE.md` at the repository root is the map; each module's own doc says what it owns. These docs are
 //! for the people who work on nudge, so they are built with private items (`cargo doc --document-private-items`,
@@ -25,6 +26,7 @@ pub mod outbox;
 pub mod presence;
 pub mod protocol;
 pub mod relay;
+pub mod replay;
 pub mod shutdown;
 pub mod supervisor;
 pub mod wake;

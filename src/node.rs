@@ -18,6 +18,7 @@ use crate::health::{Metrics, Readiness};
 use crate::http::{self, ExtraRoutes};
 use crate::hub::Hub;
 use crate::relay::{self, Relay};
+use crate::replay::Replays;
 use crate::shutdown::{self, Shutdown};
 use crate::supervisor::supervise;
 use crate::wake::{DeliveryWakeups, Wakeups};
@@ -105,8 +106,7 @@ pub async fn run(
         authenticator: Arc::new(authenticator),
         metrics: metrics.clone(),
         limits,
-        replay_pool,
-        statement_timeout: timeouts.statement,
+        replays: Replays::new(replay_pool, timeouts.statement),
     });
     let slots = Arc::new(Semaphore::new(max_connections));
     let server = Arc::new(http::Server {

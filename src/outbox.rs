@@ -9,8 +9,8 @@
 //! **Overflow never waits and never loses.** Routing pushes what fits and, when a frame does not fit, marks the
 //! outbox *behind*: from then on it takes no live frames at all, so the queue never holds a frame newer than a
 //! dropped one. Every routed event is in `nudge.events` with its `seq`, so the connection, once it has written
-//! what is queued, reads what it missed from the table past the last seq it wrote, and rejoins the live stream
-//! through `Hub::rejoin` (connection.rs, `catch_up`). Memory per connection stays bounded by `capacity`.
+//! what is queued, rejoins the live stream through `Hub::rejoin` and reads what it missed from the table past the
+//! last seq it wrote (`replay::CatchUp`). Memory per connection stays bounded by `capacity`.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -20,13 +20,16 @@ use tokio::sync::Notify;
 use crate::hub::Frame;
 
 pub struct Outbox {
+    /// Frames, orders and the *behind* mark under one lock: a push and the mark it may set are one step.
     state: Mutex<State>,
     /// Wakes the connection: a frame was queued, the outbox fell behind, or it was closed.
     queued: Notify,
+    /// `NUDGE_OUTBOUND_QUEUE`: what bounds a slow connection's memory.
     capacity: usize,
 }
 
 struct State {
+    /// Live frames in seq order, written by the connection in batches.
     frames: VecDeque<Frame>,
     /// Orders from SQL (`nudge.disconnect`, `nudge.unsubscribe`), taken before any frame. Rare: empty, it does
     /// not allocate.
