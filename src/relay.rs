@@ -24,7 +24,7 @@ use deadpool_postgres::Pool;
 use crate::config::RelaySettings;
 use crate::db::events;
 use crate::db::gate::{self, Gate};
-use crate::db::{self, migrate, nodes, Backoff};
+use crate::db::{self, migrate, nodes, within, Backoff, QueryError};
 use crate::health::{Metrics, Readiness};
 use crate::hub::Hub;
 use crate::shutdown::Shutdown;
@@ -129,14 +129,14 @@ enum Phase {
     Settling,
 }
 
+/// Why a claim loop step failed: a query on the pool, or a statement on the wake gate's own session (whose
+/// failure costs the session, and so `awake`).
 #[derive(Debug, thiserror::Error)]
 enum ClaimError {
     #[error(transparent)]
-    Query(#[from] events::QueryError),
-    #[error("wake gate session failed: {0}")]
-    Gate(#[from] tokio_postgres::Error),
-    #[error("wake gate session: no answer within {0:?} (NUDGE_STATEMENT_TIMEOUT)")]
-    GateTimeout(Duration),
+    Query(#[from] QueryError),
+    #[error("wake gate session: {0}")]
+    Gate(QueryError),
 }
 
 impl Relay {
@@ -264,8 +264,7 @@ impl Relay {
     async fn settle(&self, flow: &mut Flow, shutdown: &mut Shutdown) -> Result<Option<Phase>, ClaimError> {
         let mut delay = AWAKE_POLL;
         loop {
-            let settled =
-                events::within(&self.pool, self.statement_timeout, gate::producers_settled(&self.pool)).await?;
+            let settled = within(&self.pool, self.statement_timeout, gate::producers_settled(&self.pool)).await?;
             // Released: producers NOTIFY again, so count their wake-ups.
             flow.record_wakeups(self.claims.requested());
             self.claim_pass(None).await?;
@@ -289,11 +288,11 @@ impl Relay {
     /// not hang the claim loop (the caller drops the session, which releases `awake`, and settles).
     async fn on_gate<T>(
         &self,
-        statement: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+        statement: impl std::future::Future<Output = Result<T, QueryError>>,
     ) -> Result<T, ClaimError> {
         match tokio::time::timeout(self.statement_timeout, statement).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(ClaimError::GateTimeout(self.statement_timeout)),
+            Ok(result) => result.map_err(ClaimError::Gate),
+            Err(_) => Err(ClaimError::Gate(QueryError::Timeout(self.statement_timeout))),
         }
     }
 
@@ -303,14 +302,14 @@ impl Relay {
     /// endless pass, never measuring their rate and never going awake, while every one of them pays its NOTIFY.
     /// After each full batch it counts the wake-ups that came meanwhile and, once the rate calls for it, ends the
     /// pass so that the claim loop goes awake (which claims what is left).
-    async fn claim_pass(&self, mut idle_flow: Option<&mut Flow>) -> Result<usize, events::QueryError> {
+    async fn claim_pass(&self, mut idle_flow: Option<&mut Flow>) -> Result<usize, QueryError> {
         self.metrics.claim_passes.fetch_add(1, Ordering::Relaxed);
         let mut total = 0;
         loop {
             let tell_others = self.peers.others_alive();
             let started = Instant::now();
             let claim = events::claim_batch(&self.pool, self.settings.claim_batch, self.settings.max_age, tell_others);
-            let claimed = events::within(&self.pool, self.statement_timeout, claim).await?;
+            let claimed = within(&self.pool, self.statement_timeout, claim).await?;
             self.metrics.claim_durations.record(started.elapsed());
             total += claimed.claimed;
             self.metrics.claimed.fetch_add(claimed.claimed as u64, Ordering::Relaxed);
@@ -360,7 +359,7 @@ impl Relay {
     /// Route claimed rows past the cursor, batch by batch, advancing the cursor after each. Reads the database
     /// only when something past the cursor is known to exist that our own claims did not bring, or when a
     /// wake-up could not tell (poll, reconnect, retry).
-    async fn delivery_pass(&self) -> Result<(), events::QueryError> {
+    async fn delivery_pass(&self) -> Result<(), QueryError> {
         let mut look = self.deliveries.take_look();
         // Our own claims first: a batch that starts right after the cursor needs no read (the common case on a
         // single node, and the lowest latency). Any other batch is dropped: the read below finds its rows.
@@ -378,7 +377,7 @@ impl Relay {
                 return Ok(());
             }
             let read = events::read_after(&self.pool, self.hub.cursor(), self.settings.claim_batch);
-            let batch = events::within(&self.pool, self.statement_timeout, read).await?;
+            let batch = within(&self.pool, self.statement_timeout, read).await?;
             if batch.is_empty() {
                 return Ok(());
             }
@@ -406,7 +405,7 @@ impl Relay {
     pub async fn start_cursor(&self, mut shutdown: Shutdown) -> bool {
         let mut backoff = Backoff::default();
         loop {
-            match events::within(&self.pool, self.statement_timeout, events::last_seq(&self.pool)).await {
+            match within(&self.pool, self.statement_timeout, events::last_seq(&self.pool)).await {
                 Ok(last) => {
                     self.hub.start_at(last);
                     return true;
@@ -446,7 +445,7 @@ impl Relay {
                 _ = shutdown.triggered() => return,
             }
             loop {
-                match events::within(
+                match within(
                     &self.pool,
                     self.statement_timeout,
                     events::delete_processed(&self.pool, self.settings.retention),
@@ -479,13 +478,12 @@ impl Relay {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.triggered() => {
-                    let _ = events::within(&self.pool, self.statement_timeout, db::presence::clear(&self.pool, node_id)).await;
+                    let _ = within(&self.pool, self.statement_timeout, db::presence::clear(&self.pool, node_id)).await;
                     return;
                 }
             }
             if !cleared {
-                match events::within(&self.pool, self.statement_timeout, db::presence::clear(&self.pool, node_id)).await
-                {
+                match within(&self.pool, self.statement_timeout, db::presence::clear(&self.pool, node_id)).await {
                     Ok(()) => cleared = true,
                     Err(e) => {
                         tracing::debug!("presence: clearing old rows failed: {e}");
@@ -499,7 +497,7 @@ impl Relay {
                 continue;
             }
             let write = db::presence::write(&self.pool, node_id, &changes);
-            match events::within(&self.pool, self.statement_timeout, write).await {
+            match within(&self.pool, self.statement_timeout, write).await {
                 Ok(()) => _ = self.metrics.presence_writes.fetch_add(1, Ordering::Relaxed),
                 Err(e) => {
                     tracing::warn!("presence write failed, rewriting everything at the next flush: {e}");
@@ -524,7 +522,7 @@ impl Relay {
             let connections = i32::try_from(self.hub.connections()).unwrap_or(i32::MAX);
             let seen = self.peers.seen();
             let beat = nodes::heartbeat(&self.pool, node_id, address, connections, self.hub.cursor());
-            match events::within(&self.pool, self.statement_timeout, beat).await {
+            match within(&self.pool, self.statement_timeout, beat).await {
                 Ok(beat) => {
                     self.peers.heartbeat(seen, beat.others);
                     if beat.inserted {

@@ -14,8 +14,7 @@ use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 
-use super::events::QueryError;
-use super::{ConnectError, Database, Session};
+use super::{ConnectError, Database, QueryError, Session};
 
 /// Held exclusively by an awake relay (must match sql/0003_wake_gate.sql).
 const AWAKE: i64 = 121_450_474_726_657;
@@ -49,7 +48,7 @@ impl Gate {
     /// Try to become the awake relay. False when the wait ran out (another node is awake, or a producer's
     /// transaction held its shared lock that long). Either way, producers may have skipped their NOTIFY while we
     /// asked: the caller must settle afterwards.
-    pub async fn hold_awake(&mut self) -> Result<bool, tokio_postgres::Error> {
+    pub async fn hold_awake(&mut self) -> Result<bool, QueryError> {
         let begin = format!("BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}", AWAKE_LEASE.as_millis());
         self.session.batch_execute(&begin).await?;
         match self.session.query_typed("SELECT pg_advisory_xact_lock($1)", &[(&AWAKE, Type::INT8)]).await {
@@ -58,7 +57,7 @@ impl Gate {
                 self.session.batch_execute("ROLLBACK").await?;
                 return Ok(false);
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
         let session = self.session.clone();
         self.keepalive = Some(tokio::spawn(async move {
@@ -74,11 +73,11 @@ impl Gate {
     }
 
     /// Stop being awake: from now on producers NOTIFY again.
-    pub async fn release_awake(&mut self) -> Result<(), tokio_postgres::Error> {
+    pub async fn release_awake(&mut self) -> Result<(), QueryError> {
         if let Some(keepalive) = self.keepalive.take() {
             keepalive.abort();
         }
-        self.session.batch_execute("COMMIT").await
+        Ok(self.session.batch_execute("COMMIT").await?)
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use tokio_postgres::types::Type;
 
-use super::events::QueryError;
+use super::QueryError;
 
 /// How often a node refreshes its row.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -112,7 +112,7 @@ pub struct ClusterStatus {
     pub nodes: Vec<NodeStatus>,
 }
 
-pub async fn status(client: &tokio_postgres::Client) -> Result<ClusterStatus, tokio_postgres::Error> {
+pub async fn status(client: &tokio_postgres::Client) -> Result<ClusterStatus, QueryError> {
     let last_seq = super::events::read_last_seq(client).await?;
     let pending = client
         .query_typed_one(
