@@ -24,11 +24,12 @@ use deadpool_postgres::Pool;
 use crate::config::RelaySettings;
 use crate::db::events;
 use crate::db::gate::{self, Gate};
-use crate::db::{self, migrate, nodes, within, Backoff, QueryError};
+use crate::db::nodes::{self, Peers};
+use crate::db::{self, migrate, within, Backoff, QueryError};
 use crate::health::{Metrics, Readiness};
 use crate::hub::Hub;
 use crate::shutdown::Shutdown;
-use crate::wake::{DeliveryWakeups, Peers, Wakeups};
+use crate::wake::{DeliveryWakeups, Wakeups};
 
 /// What the relay tasks share.
 pub struct Relay {
