@@ -25,7 +25,7 @@ use crate::config::RelaySettings;
 use crate::db::events;
 use crate::db::gate::{self, Gate};
 use crate::db::nodes::{self, Peers};
-use crate::db::{self, migrate, within, Backoff, QueryError};
+use crate::db::{self, within, Backoff, QueryError};
 use crate::health::{Metrics, Readiness};
 use crate::hub::Hub;
 use crate::shutdown::Shutdown;
@@ -535,34 +535,6 @@ impl Relay {
                 }
                 Err(e) => tracing::debug!("heartbeat failed: {e}"),
             }
-        }
-    }
-}
-
-/// Bring the schema up to date (or, with `--no-migrate`, wait until someone else has), retrying with backoff
-/// while the database is unreachable. Returns false if shutdown came first.
-pub async fn prepare_schema(
-    database: &db::Database,
-    apply: bool,
-    readiness: &Readiness,
-    mut shutdown: Shutdown,
-) -> bool {
-    let mut backoff = Backoff::default();
-    loop {
-        let result = if apply { migrate::migrate(database).await.map(|_| ()) } else { migrate::check(database).await };
-        match result {
-            Ok(()) => {
-                readiness.set_schema_ready();
-                return true;
-            }
-            Err(e) => {
-                tracing::warn!("database not ready: {e}");
-                readiness.set_error(e.to_string());
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
-            _ = shutdown.triggered() => return false,
         }
     }
 }
