@@ -1,59 +1,17 @@
-//! The relay: two loops and the timers around them.
-//!
-//! - **Claims** (`run_claims`): woken by NOTIFY nudge (an INSERT), a client's `wakeup`, or the poll. One pass at
-//!   a time claims pending rows in batches and gives them a cluster-wide `seq` (see `db::events`). It routes
-//!   nothing itself: it hands its batches to this node's delivery loop, and every other node reads them. While
-//!   producers commit fast (`--awake-above`) it stays awake and claims in a loop, and producers skip their
-//!   NOTIFY (the wake gate, `Phase` below and sql/0003_wake_gate.sql).
-//! - **Deliveries** (`run_deliveries`): woken by NOTIFY nudge_claimed (any node's claim), this node's own claims,
-//!   or the poll. It routes this node's own fresh batches when they continue its cursor, otherwise reads claimed
-//!   rows past the cursor, in seq order; routing advances the cursor. The cursor is the truth; notifications only
-//!   wake (and say how far there is to read, so a node alone never reads back its own claims).
-//!
-//! Invariants: one pass of each loop at a time per node; the hub sees events in seq order, so every connection
-//! receives them in that order, exactly once, on every node.
+//! The claim loop: one pass at a time claims pending rows and hands the batches to this node's delivery loop,
+//! moving between the wake gate's phases (`Phase`: Idle on NOTIFY, Awake claiming in a loop while producers skip
+//! their NOTIFY, Settling until no producer that skipped it can be left behind). `Flow` measures how fast
+//! producers commit, which decides when being awake pays.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use deadpool_postgres::Pool;
-
-use crate::config::RelaySettings;
-use crate::db::events;
+use super::Relay;
 use crate::db::gate::{self, Gate};
-use crate::db::nodes::{self, Peers};
-use crate::db::{self, within, Backoff, QueryError};
-use crate::health::{Metrics, Readiness};
-use crate::hub::Hub;
+use crate::db::{events, within, Backoff, QueryError};
 use crate::shutdown::Shutdown;
-use crate::wake::{DeliveryWakeups, Wakeups};
-
-/// What the relay tasks share.
-pub struct Relay {
-    pub pool: Pool,
-    pub hub: Arc<Hub>,
-    /// "Rows may be pending": NOTIFY nudge, client `wakeup`, poll, LISTEN (re)connect.
-    pub claims: Arc<Wakeups>,
-    /// "Rows may be claimed past our cursor": NOTIFY nudge_claimed, our own claims, poll, LISTEN (re)connect.
-    pub deliveries: Arc<DeliveryWakeups>,
-    /// Whether another live node may need our NOTIFY nudge_claimed: heartbeats and other nodes' announcements
-    /// (db::listen) decide it.
-    pub peers: Arc<Peers>,
-    /// The direct session config (never PgBouncer) for the wake gate's session-level lock.
-    pub gate_database: db::Database,
-    /// Batches this node claimed, in claim order, waiting for the delivery loop (which alone routes).
-    pub fresh: Mutex<Vec<events::Batch>>,
-    pub metrics: Arc<Metrics>,
-    pub readiness: Arc<Readiness>,
-    pub settings: RelaySettings,
-    /// Client-side limit on each query (`events::within`).
-    pub statement_timeout: Duration,
-    /// This node's id in `nudge.nodes` (LISTEN ignores its own announcements by it).
-    pub node_id: String,
-}
 
 /// An awake relay goes back to NOTIFY once the rate falls below this share of `--awake-above`: lower than the
 /// entry rate so that a flow near it does not flap, but not by much, so that a burst that woke the relay at
@@ -179,23 +137,6 @@ impl Relay {
                     self.claims.wake();
                 }
             }
-        }
-    }
-
-    /// After a failed pass: report it, then pause with backoff. The caller then retries even if nobody wakes
-    /// it, since the work is still there. False if shutdown came first.
-    async fn pause_after_failure(
-        &self,
-        what: &str,
-        error: &(dyn std::fmt::Display + Sync),
-        backoff: &mut Backoff,
-        shutdown: &mut Shutdown,
-    ) -> bool {
-        tracing::warn!("{what} pass failed: {error}");
-        self.readiness.set_error(error.to_string());
-        tokio::select! {
-            _ = tokio::time::sleep(backoff.next_delay()) => true,
-            _ = shutdown.triggered() => false,
         }
     }
 
@@ -330,210 +271,6 @@ impl Relay {
                 if flow.rate >= self.settings.awake_above {
                     return Ok(total);
                 }
-            }
-        }
-    }
-
-    /// Route claimed rows past the cursor whenever woken, until shutdown; after a failure, retry with backoff.
-    pub async fn run_deliveries(&self, mut shutdown: Shutdown) {
-        let mut backoff = Backoff::default();
-        // A (re)start may follow claims nobody told us about.
-        self.deliveries.look();
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.triggered() => return,
-                _ = self.deliveries.wait() => {}
-            }
-            match self.delivery_pass().await {
-                Ok(()) => backoff.reset(),
-                Err(e) => {
-                    if !self.pause_after_failure("delivery", &e, &mut backoff, &mut shutdown).await {
-                        return;
-                    }
-                    self.deliveries.look();
-                }
-            }
-        }
-    }
-
-    /// Route claimed rows past the cursor, batch by batch, advancing the cursor after each. Reads the database
-    /// only when something past the cursor is known to exist that our own claims did not bring, or when a
-    /// wake-up could not tell (poll, reconnect, retry).
-    async fn delivery_pass(&self) -> Result<(), QueryError> {
-        let mut look = self.deliveries.take_look();
-        // Our own claims first: a batch that starts right after the cursor needs no read (the common case on a
-        // single node, and the lowest latency). Any other batch is dropped: the read below finds its rows.
-        let fresh = std::mem::take(&mut *self.fresh.lock().unwrap_or_else(|e| e.into_inner()));
-        for batch in fresh {
-            // A claim's block of seqs starts at its lowest (possibly skipped) row; decoded or not, the rows
-            // between the cursor and `through` are exactly this batch's.
-            let first = batch.through.map(|through| through - batch.len() as i64 + 1);
-            if first == Some(self.hub.cursor() + 1) {
-                self.route(&batch);
-            }
-        }
-        loop {
-            if !look && self.hub.cursor() >= self.deliveries.claimed_through() {
-                return Ok(());
-            }
-            let read = events::read_after(&self.pool, self.hub.cursor(), self.settings.claim_batch);
-            let batch = within(&self.pool, self.statement_timeout, read).await?;
-            if batch.is_empty() {
-                return Ok(());
-            }
-            // Routing advances the hub's cursor past the batch's last seq.
-            self.route(&batch);
-            if (batch.len() as i64) < self.settings.claim_batch {
-                look = false;
-            }
-        }
-    }
-
-    fn route(&self, batch: &events::Batch) {
-        self.metrics.rejected.fetch_add(batch.rejected as u64, Ordering::Relaxed);
-        let routed = self.hub.route(&batch.events, batch.through, &self.metrics);
-        tracing::debug!(
-            events = batch.events.len(),
-            delivered = routed.delivered,
-            fell_behind = routed.fell_behind,
-            cursor = self.hub.cursor(),
-            "delivered batch"
-        );
-    }
-
-    /// Start the cursor at the last seq handed out: a node delivers what is claimed after it starts.
-    pub async fn start_cursor(&self, mut shutdown: Shutdown) -> bool {
-        let mut backoff = Backoff::default();
-        loop {
-            match within(&self.pool, self.statement_timeout, events::last_seq(&self.pool)).await {
-                Ok(last) => {
-                    self.hub.start_at(last);
-                    return true;
-                }
-                Err(e) => self.readiness.set_error(e.to_string()),
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff.next_delay()) => {}
-                _ = shutdown.triggered() => return false,
-            }
-        }
-    }
-
-    /// Wake both loops every poll interval: the safety net for notifications lost while LISTEN was down.
-    pub async fn run_poll(&self, mut shutdown: Shutdown) {
-        let mut tick = tokio::time::interval(self.settings.poll_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    self.claims.wake();
-                    self.deliveries.look();
-                }
-                _ = shutdown.triggered() => return,
-            }
-        }
-    }
-
-    /// Delete processed rows older than the retention, in small batches.
-    pub async fn run_retention(&self, mut shutdown: Shutdown) {
-        let every = (self.settings.retention / 2).clamp(Duration::from_millis(100), Duration::from_secs(60));
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.triggered() => return,
-            }
-            loop {
-                match within(
-                    &self.pool,
-                    self.statement_timeout,
-                    events::delete_processed(&self.pool, self.settings.retention),
-                )
-                .await
-                {
-                    Ok(deleted) => {
-                        self.metrics.deleted.fetch_add(deleted, Ordering::Relaxed);
-                        if (deleted as i64) < events::DELETE_BATCH || shutdown.is_triggered() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!("retention sweep failed: {e}");
-                        break;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Write this node's presence rows (presence.rs) every `FLUSH_EVERY` while something changed; remove them on
-    /// a clean shutdown. A failed write marks everything for rewriting and is retried at the next flush.
-    pub async fn run_presence(&self, node_id: &str, mut shutdown: Shutdown) {
-        let mut tick = tokio::time::interval(crate::presence::FLUSH_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Rows of an earlier process with this node id, and everything present now.
-        let mut cleared = false;
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.triggered() => {
-                    let _ = within(&self.pool, self.statement_timeout, db::presence::clear(&self.pool, node_id)).await;
-                    return;
-                }
-            }
-            if !cleared {
-                match within(&self.pool, self.statement_timeout, db::presence::clear(&self.pool, node_id)).await {
-                    Ok(()) => cleared = true,
-                    Err(e) => {
-                        tracing::debug!("presence: clearing old rows failed: {e}");
-                        continue;
-                    }
-                }
-                self.hub.presence_rewrite();
-            }
-            let changes = self.hub.presence_changes();
-            if changes.is_empty() {
-                continue;
-            }
-            let write = db::presence::write(&self.pool, node_id, &changes);
-            match within(&self.pool, self.statement_timeout, write).await {
-                Ok(()) => _ = self.metrics.presence_writes.fetch_add(1, Ordering::Relaxed),
-                Err(e) => {
-                    tracing::warn!("presence write failed, rewriting everything at the next flush: {e}");
-                    self.hub.presence_rewrite();
-                }
-            }
-        }
-    }
-
-    /// Record this node in `nudge.nodes` every few seconds; remove the row on a clean shutdown.
-    pub async fn run_heartbeat(&self, node_id: &str, address: &str, mut shutdown: Shutdown) {
-        let mut tick = tokio::time::interval(nodes::HEARTBEAT);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.triggered() => {
-                    let _ = nodes::remove(&self.pool, node_id).await;
-                    return;
-                }
-            }
-            let connections = i32::try_from(self.hub.connections()).unwrap_or(i32::MAX);
-            let seen = self.peers.seen();
-            let beat = nodes::heartbeat(&self.pool, node_id, address, connections, self.hub.cursor());
-            match within(&self.pool, self.statement_timeout, beat).await {
-                Ok(beat) => {
-                    self.peers.heartbeat(seen, beat.others);
-                    if beat.inserted {
-                        // A new row: our presence rows are not there (first beat, or we were aged out).
-                        self.hub.presence_rewrite();
-                    }
-                    self.metrics.lag_events.store(beat.lag_events, Ordering::Relaxed);
-                    self.metrics.lag_millis.store((beat.lag_seconds * 1000.0) as i64, Ordering::Relaxed);
-                }
-                Err(e) => tracing::debug!("heartbeat failed: {e}"),
             }
         }
     }
