@@ -29,6 +29,8 @@ impl Wakeups {
         self.notify.notified().await;
     }
 
+    /// Wake-ups asked for since start: `/metrics`, and the claim loop's measure of how fast producers commit
+    /// while they NOTIFY.
     pub fn requested(&self) -> u64 {
         self.requested.load(Ordering::Relaxed)
     }
@@ -60,10 +62,12 @@ impl DeliveryWakeups {
         self.wakeups.wake();
     }
 
+    /// Wait until at least one wake-up arrived since the last call returned.
     pub async fn wait(&self) {
         self.wakeups.wait().await;
     }
 
+    /// The highest seq known to be claimed and committed.
     pub fn claimed_through(&self) -> i64 {
         self.claimed_through.load(Ordering::Acquire)
     }

@@ -28,6 +28,8 @@ const AWAKE_LEASE: Duration = Duration::from_millis(250);
 /// How often a live awake node proves it is alive: well inside the lease, even on a busy runtime.
 const KEEPALIVE: Duration = Duration::from_millis(50);
 
+/// The wake gate's session: a direct connection whose open transaction holds `awake` while the claim loop is
+/// awake. Dropping it ends the session, and PostgreSQL releases `awake` with it.
 pub struct Gate {
     /// Shared with the keepalive task; dropping the gate (and the task) ends the session and its lock.
     session: Arc<Session>,
@@ -36,6 +38,7 @@ pub struct Gate {
 }
 
 impl Gate {
+    /// Open the session (`application_name=nudge-gate`), with `lock_timeout` set to `AWAKE_WAIT`.
     pub async fn connect(config: &Database) -> Result<Gate, ConnectError> {
         let mut config = config.clone();
         // Operators find this session (and its lock, in pg_locks) by name.

@@ -11,8 +11,11 @@ use super::{Backoff, ConnectError, Session};
 use crate::health::Readiness;
 use crate::shutdown::Shutdown;
 
+/// One file of `sql/`.
 pub struct Migration {
+    /// What the file records in `nudge.schema_migrations` (its number).
     pub version: i32,
+    /// The file name, for logs and errors.
     pub name: &'static str,
     pub sql: &'static str,
 }
@@ -92,6 +95,7 @@ pub async fn check(config: &super::Database) -> Result<(), MigrateError> {
     Ok(())
 }
 
+/// The schema version this binary needs.
 pub fn latest_version() -> i32 {
     MIGRATIONS.last().map(|m| m.version).unwrap_or(0)
 }

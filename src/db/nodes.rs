@@ -138,6 +138,7 @@ impl Peers {
         self.alone.store(!others_alive && *announcements == seen_before, Ordering::Release);
     }
 
+    /// Whether our claims must NOTIFY nudge_claimed (asked by every claim, so lock-free).
     pub fn others_alive(&self) -> bool {
         !self.alone.load(Ordering::Acquire)
     }
@@ -166,6 +167,7 @@ pub struct ClusterStatus {
     pub nodes: Vec<NodeStatus>,
 }
 
+/// Read the cluster for `nudge status`, on a direct session (it must work while the pool's nodes are down).
 pub async fn status(client: &tokio_postgres::Client) -> Result<ClusterStatus, QueryError> {
     let last_seq = super::events::read_last_seq(client).await?;
     let pending = client

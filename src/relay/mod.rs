@@ -61,7 +61,7 @@ pub struct Relay {
     pub readiness: Arc<Readiness>,
     /// Batch size, `--awake-above`, poll interval, retention, max age.
     pub settings: RelaySettings,
-    /// Client-side limit on each query (`events::within`).
+    /// Client-side limit on each query (`db::within`) and on each statement of the wake gate's session.
     pub statement_timeout: Duration,
     /// This node's id in `nudge.nodes` (LISTEN ignores its own announcements by it).
     pub node_id: String,
