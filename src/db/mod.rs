@@ -1,5 +1,7 @@
-//! Everything nudge says to PostgreSQL: the schema ([`migrate`]), the LISTEN connection ([`listen`]), and the
-//! claim and retention queries ([`events`]). Claims and cleanup use a deadpool pool; LISTEN has its own session.
+//! Everything nudge says to PostgreSQL: the schema ([`migrate`]), the LISTEN connection ([`listen`]), the claim,
+//! delivery, replay and retention queries ([`events`]), the wake gate ([`gate`]), cluster membership ([`nodes`])
+//! and presence rows ([`presence`]). Queries use a deadpool pool; LISTEN, the wake gate and migrations have
+//! sessions of their own.
 //! Every query, on whatever table, fails with one [`QueryError`], and the loops and replays bound each one with
 //! [`within`] (`NUDGE_STATEMENT_TIMEOUT`).
 //!

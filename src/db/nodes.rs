@@ -167,7 +167,7 @@ pub struct ClusterStatus {
     pub nodes: Vec<NodeStatus>,
 }
 
-/// Read the cluster for `nudge status`, on a direct session (it must work while the pool's nodes are down).
+/// Read the cluster for `nudge status`, on the command's own session (it runs outside any node, with no pool).
 pub async fn status(client: &tokio_postgres::Client) -> Result<ClusterStatus, QueryError> {
     let last_seq = super::events::read_last_seq(client).await?;
     let pending = client
