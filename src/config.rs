@@ -325,7 +325,7 @@ pub struct DatabaseTimeouts {
 pub struct RelaySettings {
     pub poll_interval: Duration,
     pub claim_batch: i64,
-    /// Producer transactions per second from which the claim loop holds the wake gate (relay.rs, `Flow`).
+    /// Producer transactions per second from which the claim loop holds the wake gate (relay/claim.rs, `Flow`).
     pub awake_above: f64,
     pub retention: Duration,
     pub max_age: Duration,

@@ -101,7 +101,7 @@ async fn run(command: Command, mut options: Options, matches: &ArgMatches) -> Re
 /// `nudge status`: the cluster as the database sees it.
 async fn status(options: &Options) -> Result<(), Failure> {
     let database = options.database()?;
-    let runtime = |e: tokio_postgres::Error| Failure::Runtime(format!("cannot read the cluster status: {e}"));
+    let runtime = |e: db::QueryError| Failure::Runtime(format!("cannot read the cluster status: {e}"));
     let session = db::Session::connect(&database)
         .await
         .map_err(|e| Failure::Runtime(format!("cannot read the cluster status: {e}")))?;

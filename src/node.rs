@@ -17,7 +17,7 @@ use crate::db::listen::Listeners;
 use crate::health::{Metrics, Readiness};
 use crate::http::{self, ExtraRoutes};
 use crate::hub::Hub;
-use crate::relay::{self, Relay};
+use crate::relay::Relay;
 use crate::replay::Replays;
 use crate::shutdown::{self, Shutdown};
 use crate::supervisor::supervise;
@@ -195,7 +195,7 @@ async fn run_database_side(
     pools: Vec<deadpool_postgres::Pool>,
     shutdown: Shutdown,
 ) {
-    if !relay::prepare_schema(&session_db, migrate, &relay.readiness, shutdown.clone()).await {
+    if !db::migrate::prepare_schema(&session_db, migrate, &relay.readiness, shutdown.clone()).await {
         return;
     }
     let node = Arc::new(node);

@@ -30,6 +30,7 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use tokio::time::Instant;
 
+use crate::db;
 use crate::db::events::{self, Replay};
 use crate::hub::{self, Frame, Hub};
 use crate::outbox::Outbox;
@@ -60,7 +61,7 @@ pub trait History: Sync {
         since: i64,
         until: i64,
         limit: i64,
-    ) -> impl Future<Output = Result<Replay, events::QueryError>> + Send;
+    ) -> impl Future<Output = Result<Replay, db::QueryError>> + Send;
 }
 
 /// The table, as replays read it.
@@ -87,9 +88,9 @@ impl History for Replays {
         since: i64,
         until: i64,
         limit: i64,
-    ) -> Result<Replay, events::QueryError> {
+    ) -> Result<Replay, db::QueryError> {
         let query = events::replay(&self.pool, user, topics, since, until, limit);
-        events::within(&self.pool, self.statement_timeout, query).await
+        db::within(&self.pool, self.statement_timeout, query).await
     }
 }
 
@@ -188,7 +189,7 @@ pub async fn resume<H: History>(
     // back soon.
     let read = history.read(user, topics, since, until, RESUME_LIMIT);
     let replay =
-        tokio::time::timeout(RESUME_DEADLINE, read).await.unwrap_or(Err(events::QueryError::Timeout(RESUME_DEADLINE)));
+        tokio::time::timeout(RESUME_DEADLINE, read).await.unwrap_or(Err(db::QueryError::Timeout(RESUME_DEADLINE)));
     let (events, complete, skip_through) = match replay {
         Ok(replay) => (replay.events, replay.complete && known, replay.skip_through),
         Err(e) => {
@@ -337,10 +338,10 @@ mod tests {
             since: i64,
             until: i64,
             limit: i64,
-        ) -> Result<Replay, events::QueryError> {
+        ) -> Result<Replay, db::QueryError> {
             self.reads.lock().unwrap().push((since, until, limit));
             match self.fault {
-                Some(Fault::Fails) => return Err(events::QueryError::Timeout(Duration::from_secs(1))),
+                Some(Fault::Fails) => return Err(db::QueryError::Timeout(Duration::from_secs(1))),
                 Some(Fault::TakesLonger(delay)) => tokio::time::sleep(delay).await,
                 None => {}
             }

@@ -1,12 +1,15 @@
-//! Wake-ups: the one place that turns "something may be pending" into "run a claim pass".
+//! Wake-ups: the one place that turns "something may be pending" into "run a claim pass" ([`Wakeups`]), and
+//! "something may be claimed past the cursor" into "run a delivery pass" ([`DeliveryWakeups`]).
 //!
-//! Sources: NOTIFY on the LISTEN connection, a client's `wakeup`, the fallback poll, a LISTEN (re)connect.
+//! Sources: NOTIFY on the LISTEN connection, a client's `wakeup`, the fallback poll, a LISTEN (re)connect, and
+//! (for deliveries) this node's own claims.
 //! Coalescing is the point: `tokio::sync::Notify` stores at most one permit, so any number of wake-ups while a
 //! pass runs cause exactly one more pass, and 10,000 wakeups a second cost a handful of queries.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use tokio::sync::Notify;
 
+/// "Run a pass", coalesced: any number of wake-ups between two waits make one permit.
 #[derive(Default)]
 pub struct Wakeups {
     notify: Notify,
@@ -26,6 +29,8 @@ impl Wakeups {
         self.notify.notified().await;
     }
 
+    /// Wake-ups asked for since start: `/metrics`, and the claim loop's measure of how fast producers commit
+    /// while they NOTIFY.
     pub fn requested(&self) -> u64 {
         self.requested.load(Ordering::Relaxed)
     }
@@ -57,10 +62,12 @@ impl DeliveryWakeups {
         self.wakeups.wake();
     }
 
+    /// Wait until at least one wake-up arrived since the last call returned.
     pub async fn wait(&self) {
         self.wakeups.wait().await;
     }
 
+    /// The highest seq known to be claimed and committed.
     pub fn claimed_through(&self) -> i64 {
         self.claimed_through.load(Ordering::Acquire)
     }
@@ -68,81 +75,5 @@ impl DeliveryWakeups {
     /// Whether a `look` arrived since the last call.
     pub fn take_look(&self) -> bool {
         self.look.swap(false, Ordering::AcqRel)
-    }
-}
-
-/// Whether another live node may need to hear of our claims (NOTIFY nudge_claimed). A node alone skips that
-/// NOTIFY; a node that wrongly thinks it is alone leaves the others waiting for the fallback poll, so every
-/// doubt resolves to "not alone".
-///
-/// Two sources set it: this node's heartbeat query ("is any other node's row fresh?") and other nodes'
-/// announcements on the LISTEN session. They race: a node that registers just after our query looked announces
-/// itself, and its announcement may arrive before we store our query's "alone". So the heartbeat reads
-/// `announcements` before it queries, and "alone" is stored only if none arrived meanwhile.
-#[derive(Default)]
-pub struct Peers {
-    /// Other nodes' announcements seen. Its lock is held while `alone` is written, so that a verdict and an
-    /// announcement never interleave (written every few seconds per node).
-    announcements: std::sync::Mutex<u64>,
-    /// The verdict, read by every claim without the lock.
-    alone: AtomicBool,
-}
-
-impl Peers {
-    /// Another node announced itself.
-    pub fn announced(&self) {
-        self.may_have_missed_announcements();
-    }
-
-    /// The LISTEN session (re)connected: announcements sent while it was down are lost, so count this as one.
-    /// (At start, a node's first heartbeat may run before its LISTEN session is up, find nobody, and miss the
-    /// announcement of a node that starts a moment later: alone for a whole heartbeat, its claims told nobody.)
-    pub fn may_have_missed_announcements(&self) {
-        let mut announcements = self.announcements.lock().unwrap_or_else(|e| e.into_inner());
-        *announcements += 1;
-        self.alone.store(false, Ordering::Release);
-    }
-
-    /// Announcements seen so far: read before a heartbeat's query.
-    pub fn seen(&self) -> u64 {
-        *self.announcements.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A heartbeat's answer, given `seen()` from before it asked.
-    pub fn heartbeat(&self, seen_before: u64, others_alive: bool) {
-        let announcements = self.announcements.lock().unwrap_or_else(|e| e.into_inner());
-        self.alone.store(!others_alive && *announcements == seen_before, Ordering::Release);
-    }
-
-    pub fn others_alive(&self) -> bool {
-        !self.alone.load(Ordering::Acquire)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Peers;
-
-    #[test]
-    fn an_announcement_during_a_heartbeat_outlives_its_alone_answer() {
-        let peers = Peers::default();
-        assert!(peers.others_alive(), "not alone until a heartbeat says so");
-        let before = peers.seen();
-        peers.heartbeat(before, false);
-        assert!(!peers.others_alive());
-
-        let before = peers.seen();
-        peers.announced(); // a node that registered after our query looked
-        peers.heartbeat(before, false);
-        assert!(peers.others_alive(), "the heartbeat's stale answer overwrote the announcement");
-
-        let before = peers.seen();
-        peers.heartbeat(before, false);
-        assert!(!peers.others_alive(), "alone again once a whole heartbeat saw nobody");
-
-        let before = peers.seen();
-        peers.may_have_missed_announcements(); // the LISTEN session reconnected
-        peers.heartbeat(before, false);
-        assert!(peers.others_alive(), "a heartbeat overlapping a LISTEN reconnect cannot say alone");
     }
 }

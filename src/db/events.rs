@@ -16,6 +16,8 @@ use serde_json::value::RawValue;
 use tokio_postgres::types::Type;
 use tokio_postgres::Row;
 
+use super::QueryError;
+
 /// One deliverable event, as read past a cursor.
 #[derive(Debug)]
 pub struct Event {
@@ -81,16 +83,6 @@ impl Batch {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum QueryError {
-    #[error("no database connection: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
-    #[error("query failed: {0}")]
-    Query(#[from] tokio_postgres::Error),
-    #[error("no answer from the database within {0:?} (NUDGE_STATEMENT_TIMEOUT)")]
-    Timeout(Duration),
-}
-
 /// Why a claimed row cannot become an event frame (only rows written before the CHECKs of schema version 6, or
 /// by a role that bypassed them).
 #[derive(Debug, thiserror::Error)]
@@ -98,23 +90,6 @@ pub enum QueryError {
 pub struct Undecodable {
     pub id: i64,
     pub reason: String,
-}
-
-/// Run one of nudge's own queries on `pool` with a client-side limit: a database session that went silent (no
-/// RST) must not hang a loop until the kernel gives up on it. A query that times out makes every pooled session
-/// opened before it suspect (`db::distrust_sessions`): a silent path costs one timeout, not one per session.
-pub async fn within<T>(
-    pool: &Pool,
-    limit: Duration,
-    query: impl std::future::Future<Output = Result<T, QueryError>>,
-) -> Result<T, QueryError> {
-    match tokio::time::timeout(limit, query).await {
-        Ok(result) => result,
-        Err(_) => {
-            super::distrust_sessions(std::slice::from_ref(pool));
-            Err(QueryError::Timeout(limit))
-        }
-    }
 }
 
 /// Claim up to `limit` pending rows and number the deliverable ones; with `tell_others`, NOTIFY every node:
@@ -153,11 +128,11 @@ pub async fn read_after(pool: &Pool, cursor: i64, limit: i64) -> Result<Batch, Q
 /// The highest seq handed out so far: where a starting node's cursor begins.
 pub async fn last_seq(pool: &Pool) -> Result<i64, QueryError> {
     let client = pool.get().await?;
-    Ok(read_last_seq(&client).await?)
+    read_last_seq(&client).await
 }
 
 /// `nudge.delivery.last_seq` on a given session (the pool's, or `nudge status`'s direct one).
-pub async fn read_last_seq(client: &tokio_postgres::Client) -> Result<i64, tokio_postgres::Error> {
+pub async fn read_last_seq(client: &tokio_postgres::Client) -> Result<i64, QueryError> {
     Ok(client.query_typed_one("SELECT last_seq FROM nudge.delivery", &[]).await?.get(0))
 }
 

@@ -14,8 +14,7 @@ use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 
-use super::events::QueryError;
-use super::{ConnectError, Database, Session};
+use super::{ConnectError, Database, QueryError, Session};
 
 /// Held exclusively by an awake relay (must match sql/0003_wake_gate.sql).
 const AWAKE: i64 = 121_450_474_726_657;
@@ -29,6 +28,8 @@ const AWAKE_LEASE: Duration = Duration::from_millis(250);
 /// How often a live awake node proves it is alive: well inside the lease, even on a busy runtime.
 const KEEPALIVE: Duration = Duration::from_millis(50);
 
+/// The wake gate's session: a direct connection whose open transaction holds `awake` while the claim loop is
+/// awake. Dropping it ends the session, and PostgreSQL releases `awake` with it.
 pub struct Gate {
     /// Shared with the keepalive task; dropping the gate (and the task) ends the session and its lock.
     session: Arc<Session>,
@@ -37,6 +38,7 @@ pub struct Gate {
 }
 
 impl Gate {
+    /// Open the session (`application_name=nudge-gate`), with `lock_timeout` set to `AWAKE_WAIT`.
     pub async fn connect(config: &Database) -> Result<Gate, ConnectError> {
         let mut config = config.clone();
         // Operators find this session (and its lock, in pg_locks) by name.
@@ -49,7 +51,7 @@ impl Gate {
     /// Try to become the awake relay. False when the wait ran out (another node is awake, or a producer's
     /// transaction held its shared lock that long). Either way, producers may have skipped their NOTIFY while we
     /// asked: the caller must settle afterwards.
-    pub async fn hold_awake(&mut self) -> Result<bool, tokio_postgres::Error> {
+    pub async fn hold_awake(&mut self) -> Result<bool, QueryError> {
         let begin = format!("BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}", AWAKE_LEASE.as_millis());
         self.session.batch_execute(&begin).await?;
         match self.session.query_typed("SELECT pg_advisory_xact_lock($1)", &[(&AWAKE, Type::INT8)]).await {
@@ -58,7 +60,7 @@ impl Gate {
                 self.session.batch_execute("ROLLBACK").await?;
                 return Ok(false);
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
         let session = self.session.clone();
         self.keepalive = Some(tokio::spawn(async move {
@@ -74,11 +76,11 @@ impl Gate {
     }
 
     /// Stop being awake: from now on producers NOTIFY again.
-    pub async fn release_awake(&mut self) -> Result<(), tokio_postgres::Error> {
+    pub async fn release_awake(&mut self) -> Result<(), QueryError> {
         if let Some(keepalive) = self.keepalive.take() {
             keepalive.abort();
         }
-        self.session.batch_execute("COMMIT").await
+        Ok(self.session.batch_execute("COMMIT").await?)
     }
 }
 

@@ -22,10 +22,11 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use tokio_postgres::AsyncMessage;
 
-use super::{nodes, Backoff, ConnectError, Liveness};
+use super::nodes::{self, Peers};
+use super::{Backoff, ConnectError, Liveness};
 use crate::health::Readiness;
 use crate::shutdown::Shutdown;
-use crate::wake::{DeliveryWakeups, Peers, Wakeups};
+use crate::wake::{DeliveryWakeups, Wakeups};
 
 /// The channel the `events_notify` trigger notifies.
 pub const INSERTED: &str = "nudge";

@@ -2,14 +2,20 @@
 //!
 //! Each file records its own version in `nudge.schema_migrations`, so applying it with `psql` is equivalent to
 //! letting nudge apply it. The advisory lock makes concurrent starts of several nodes safe: the second waits, then
-//! finds nothing left to do.
+//! finds nothing left to do. At start, [`prepare_schema`] keeps trying (or, with `--no-migrate`, waiting for
+//! someone else to) while the database is unreachable, and tells `/readyz` once the schema is current.
 
 use tokio_postgres::Client;
 
-use super::{ConnectError, Session};
+use super::{Backoff, ConnectError, Session};
+use crate::health::Readiness;
+use crate::shutdown::Shutdown;
 
+/// One file of `sql/`.
 pub struct Migration {
+    /// What the file records in `nudge.schema_migrations` (its number).
     pub version: i32,
+    /// The file name, for logs and errors.
     pub name: &'static str,
     pub sql: &'static str,
 }
@@ -40,6 +46,34 @@ pub enum MigrateError {
     Outdated { found: i32, needed: i32 },
 }
 
+/// Bring the schema up to date (or, with `--no-migrate`, wait until someone else has), retrying with backoff
+/// while the database is unreachable. Returns false if shutdown came first.
+pub async fn prepare_schema(
+    database: &super::Database,
+    apply: bool,
+    readiness: &Readiness,
+    mut shutdown: Shutdown,
+) -> bool {
+    let mut backoff = Backoff::default();
+    loop {
+        let result = if apply { migrate(database).await.map(|_| ()) } else { check(database).await };
+        match result {
+            Ok(()) => {
+                readiness.set_schema_ready();
+                return true;
+            }
+            Err(e) => {
+                tracing::warn!("database not ready: {e}");
+                readiness.set_error(e.to_string());
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = shutdown.triggered() => return false,
+        }
+    }
+}
+
 /// Apply pending migrations; returns the versions applied now.
 pub async fn migrate(config: &super::Database) -> Result<Vec<i32>, MigrateError> {
     let mut session = Session::connect(config).await.map_err(MigrateError::Connect)?;
@@ -61,6 +95,7 @@ pub async fn check(config: &super::Database) -> Result<(), MigrateError> {
     Ok(())
 }
 
+/// The schema version this binary needs.
 pub fn latest_version() -> i32 {
     MIGRATIONS.last().map(|m| m.version).unwrap_or(0)
 }

@@ -1,5 +1,9 @@
-//! Everything nudge says to PostgreSQL: the schema ([`migrate`]), the LISTEN connection ([`listen`]), and the
-//! claim and retention queries ([`events`]). Claims and cleanup use a deadpool pool; LISTEN has its own session.
+//! Everything nudge says to PostgreSQL: the schema ([`migrate`]), the LISTEN connection ([`listen`]), the claim,
+//! delivery, replay and retention queries ([`events`]), the wake gate ([`gate`]), cluster membership ([`nodes`])
+//! and presence rows ([`presence`]). Queries use a deadpool pool; LISTEN, the wake gate and migrations have
+//! sessions of their own.
+//! Every query, on whatever table, fails with one [`QueryError`], and the loops and replays bound each one with
+//! [`within`] (`NUDGE_STATEMENT_TIMEOUT`).
 //!
 //! How a session that went away without a word is noticed (a failover that drops packets, no FIN, no RST):
 //! every session carries the `NUDGE_DB_*` keepalive and TCP user timeout settings ([`apply_timeouts`]), so the
@@ -10,6 +14,7 @@
 //! Every session is opened from a [`Database`]: tokio-postgres' configuration and the TLS connector built from the
 //! URL's libpq TLS parameters ([`tls`]).
 
+mod error;
 pub mod events;
 pub mod gate;
 pub mod listen;
@@ -17,6 +22,8 @@ pub mod migrate;
 pub mod nodes;
 pub mod presence;
 pub mod tls;
+
+pub use error::{within, QueryError};
 
 use std::str::FromStr;
 use std::sync::Mutex;

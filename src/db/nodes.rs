@@ -1,12 +1,18 @@
-//! `nudge.nodes`: every node records itself (id, address, connections, cursor) with a heartbeat, so that
-//! `nudge status` can print the cluster. Rows whose heartbeat is older than `STALE` are dead nodes and age out.
+//! Cluster membership: `nudge.nodes`, where every node records itself (id, address, connections, cursor) with a
+//! heartbeat, so that `nudge status` can print the cluster; and [`Peers`], this node's verdict on whether it is
+//! alone, which the heartbeat's answer and other nodes' announcements (`ANNOUNCE`, heard by `db::listen`) keep.
+//! Rows whose heartbeat is older than `STALE` are dead nodes and age out.
+//!
+//! `Peers` lives here rather than with the wake-ups because it answers a membership question from the nodes
+//! table's heartbeat; the claims only read its verdict.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use tokio_postgres::types::Type;
 
-use super::events::QueryError;
+use super::QueryError;
 
 /// How often a node refreshes its row.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -89,6 +95,55 @@ pub async fn remove(pool: &Pool, id: &str) -> Result<(), QueryError> {
     Ok(())
 }
 
+/// Whether another live node may need to hear of our claims (NOTIFY nudge_claimed). A node alone skips that
+/// NOTIFY; a node that wrongly thinks it is alone leaves the others waiting for the fallback poll, so every
+/// doubt resolves to "not alone".
+///
+/// Two sources set it: this node's heartbeat query ("is any other node's row fresh?") and other nodes'
+/// announcements on the LISTEN session. They race: a node that registers just after our query looked announces
+/// itself, and its announcement may arrive before we store our query's "alone". So the heartbeat reads
+/// `announcements` before it queries, and "alone" is stored only if none arrived meanwhile.
+#[derive(Default)]
+pub struct Peers {
+    /// Other nodes' announcements seen. Its lock is held while `alone` is written, so that a verdict and an
+    /// announcement never interleave (written every few seconds per node).
+    announcements: std::sync::Mutex<u64>,
+    /// The verdict, read by every claim without the lock.
+    alone: AtomicBool,
+}
+
+impl Peers {
+    /// Another node announced itself.
+    pub fn announced(&self) {
+        self.may_have_missed_announcements();
+    }
+
+    /// The LISTEN session (re)connected: announcements sent while it was down are lost, so count this as one.
+    /// (At start, a node's first heartbeat may run before its LISTEN session is up, find nobody, and miss the
+    /// announcement of a node that starts a moment later: alone for a whole heartbeat, its claims told nobody.)
+    pub fn may_have_missed_announcements(&self) {
+        let mut announcements = self.announcements.lock().unwrap_or_else(|e| e.into_inner());
+        *announcements += 1;
+        self.alone.store(false, Ordering::Release);
+    }
+
+    /// Announcements seen so far: read before a heartbeat's query.
+    pub fn seen(&self) -> u64 {
+        *self.announcements.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A heartbeat's answer, given `seen()` from before it asked.
+    pub fn heartbeat(&self, seen_before: u64, others_alive: bool) {
+        let announcements = self.announcements.lock().unwrap_or_else(|e| e.into_inner());
+        self.alone.store(!others_alive && *announcements == seen_before, Ordering::Release);
+    }
+
+    /// Whether our claims must NOTIFY nudge_claimed (asked by every claim, so lock-free).
+    pub fn others_alive(&self) -> bool {
+        !self.alone.load(Ordering::Acquire)
+    }
+}
+
 /// One row of `nudge status`.
 #[derive(Debug)]
 pub struct NodeStatus {
@@ -112,7 +167,8 @@ pub struct ClusterStatus {
     pub nodes: Vec<NodeStatus>,
 }
 
-pub async fn status(client: &tokio_postgres::Client) -> Result<ClusterStatus, tokio_postgres::Error> {
+/// Read the cluster for `nudge status`, on the command's own session (it runs outside any node, with no pool).
+pub async fn status(client: &tokio_postgres::Client) -> Result<ClusterStatus, QueryError> {
     let last_seq = super::events::read_last_seq(client).await?;
     let pending = client
         .query_typed_one(
@@ -146,4 +202,32 @@ pub async fn status(client: &tokio_postgres::Client) -> Result<ClusterStatus, to
         })
         .collect();
     Ok(ClusterStatus { last_seq, pending, oldest_pending_s, nodes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Peers;
+
+    #[test]
+    fn an_announcement_during_a_heartbeat_outlives_its_alone_answer() {
+        let peers = Peers::default();
+        assert!(peers.others_alive(), "not alone until a heartbeat says so");
+        let before = peers.seen();
+        peers.heartbeat(before, false);
+        assert!(!peers.others_alive());
+
+        let before = peers.seen();
+        peers.announced(); // a node that registered after our query looked
+        peers.heartbeat(before, false);
+        assert!(peers.others_alive(), "the heartbeat's stale answer overwrote the announcement");
+
+        let before = peers.seen();
+        peers.heartbeat(before, false);
+        assert!(!peers.others_alive(), "alone again once a whole heartbeat saw nobody");
+
+        let before = peers.seen();
+        peers.may_have_missed_announcements(); // the LISTEN session reconnected
+        peers.heartbeat(before, false);
+        assert!(peers.others_alive(), "a heartbeat overlapping a LISTEN reconnect cannot say alone");
+    }
 }

@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use deadpool_postgres::Pool;
 use tokio_postgres::types::Type;
 
-use super::events::QueryError;
+use super::QueryError;
 use crate::presence::UserRows;
 
 /// Upsert users still present, delete users gone, both for this node only.
