@@ -390,7 +390,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let mut frames = Vec::with_capacity(FRAMES_PER_FLUSH);
         frames.push(first);
         session.outbox.pop_many(&mut frames, FRAMES_PER_FLUSH - 1);
-        self.write_frames(&frames).await
+        let queued_at = session.outbox.take_queued_at();
+        let step = self.write_frames(&frames).await;
+        if let (Step::Continue, Some(queued_at)) = (&step, queued_at) {
+            self.shared.metrics.stages.routed_to_written.record(queued_at.elapsed());
+        }
+        step
     }
 
     /// The outbox overflowed and has been refusing live frames: rejoin the live stream and write, chunk by

@@ -146,18 +146,19 @@ impl Hub {
         self.write().unsubscribe(id, topic);
     }
 
-    /// Route one claimed batch, in order, and advance the cursor to its last seq. Called by the delivery loop
-    /// only, one batch at a time, in seq order. Never waits: see the module doc.
+    /// Route one claimed batch, in order, and advance the cursor to its last seq. Called by the relay under its
+    /// routing turn (`relay/delivery.rs`), one batch at a time, in seq order. Never waits: see the module doc.
     ///
     /// `through` is the batch's last seq when its last rows could not be decoded (skipped, so `events` ends
     /// earlier): the cursor must still move past them.
     pub fn route(&self, events: &[Event], through: Option<i64>, metrics: &Metrics) -> Routed {
         let mut routed = Routed::default();
+        let now = tokio::time::Instant::now();
         {
             let maps = self.read();
             let mut push = |id: &ConnId, frames: &[Frame]| {
                 let Some(registered) = maps.outboxes.get(id) else { return };
-                let pushed = registered.outbox.push(frames);
+                let pushed = registered.outbox.push(frames, now);
                 routed.delivered += pushed.queued as u64;
                 routed.fell_behind += u64::from(pushed.fell_behind);
             };

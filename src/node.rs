@@ -127,6 +127,7 @@ pub async fn run(
         peers: Default::default(),
         gate_database: listen_database.clone(),
         fresh: Default::default(),
+        routing: Default::default(),
         metrics,
         readiness,
         settings: relay,

@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::hub::Frame;
 
@@ -36,6 +37,10 @@ struct State {
     control: Vec<Control>,
     /// A frame did not fit: live frames are refused until the connection has caught up from the table.
     behind: bool,
+    /// When the oldest frame not yet written was queued, as the router's clock read it (`push`): the start of
+    /// `nudge_routed_to_written_seconds`. Set on a push into a queue with none pending, cleared by
+    /// `take_queued_at` once the queue is empty; frames left after a partial take keep the older instant.
+    queued_at: Option<Instant>,
 }
 
 /// An order for one connection from a backend, through `nudge.disconnect()` / `nudge.unsubscribe()`.
@@ -70,15 +75,16 @@ const KEEP_CAPACITY: usize = 16;
 impl Outbox {
     pub fn new(capacity: usize) -> Self {
         Outbox {
-            state: Mutex::new(State { frames: VecDeque::new(), control: Vec::new(), behind: false }),
+            state: Mutex::new(State { frames: VecDeque::new(), control: Vec::new(), behind: false, queued_at: None }),
             queued: Notify::new(),
             capacity: capacity.max(1),
         }
     }
 
     /// Queue `frames` in order, with one lock and one wake-up; never waits. Fewer queued than given means the
-    /// outbox is behind and the rest are for the catch-up to read from the table.
-    pub fn push(&self, frames: &[Frame]) -> Pushed {
+    /// outbox is behind and the rest are for the catch-up to read from the table. `now` is the router's clock,
+    /// read once per routed batch rather than once per connection.
+    pub fn push(&self, frames: &[Frame], now: Instant) -> Pushed {
         let mut state = self.lock();
         if state.behind {
             return Pushed { queued: 0, fell_behind: false };
@@ -86,6 +92,9 @@ impl Outbox {
         let room = self.capacity.saturating_sub(state.frames.len());
         let queued = frames.len().min(room);
         state.frames.extend(frames[..queued].iter().cloned());
+        if queued > 0 && state.queued_at.is_none() {
+            state.queued_at = Some(now);
+        }
         let fell_behind = queued < frames.len();
         state.behind = fell_behind;
         drop(state);
@@ -104,6 +113,16 @@ impl Outbox {
             state.frames = VecDeque::new();
         }
         n
+    }
+
+    /// When the oldest frame taken since the last call was queued (see `State::queued_at`).
+    pub fn take_queued_at(&self) -> Option<Instant> {
+        let mut state = self.lock();
+        if state.frames.is_empty() {
+            state.queued_at.take()
+        } else {
+            state.queued_at
+        }
     }
 
     /// The next thing to do, waiting for it: a frame, or a catch-up (queue drained while behind).
@@ -177,7 +196,7 @@ mod tests {
     #[tokio::test]
     async fn bounded_and_in_order() {
         let outbox = Outbox::new(2);
-        assert_eq!(outbox.push(&[frame(1), frame(2)]), queued(2));
+        assert_eq!(outbox.push(&[frame(1), frame(2)], Instant::now()), queued(2));
         assert_eq!(outbox.next().await, Next::Frame(frame(1)));
         assert_eq!(outbox.next().await, Next::Frame(frame(2)));
     }
@@ -185,18 +204,21 @@ mod tests {
     #[tokio::test]
     async fn an_overflow_refuses_every_later_frame_until_the_reader_rejoins() {
         let outbox = Outbox::new(3);
-        assert_eq!(outbox.push(&[frame(1)]), queued(1));
+        assert_eq!(outbox.push(&[frame(1)], Instant::now()), queued(1));
         // 2 and 3 fit, 4 does not: behind, and 5 is refused although a pop makes room.
-        assert_eq!(outbox.push(&[frame(2), frame(3), frame(4)]), Pushed { queued: 2, fell_behind: true });
+        assert_eq!(
+            outbox.push(&[frame(2), frame(3), frame(4)], Instant::now()),
+            Pushed { queued: 2, fell_behind: true }
+        );
         assert_eq!(outbox.next().await, Next::Frame(frame(1)));
-        assert_eq!(outbox.push(&[frame(5)]), queued(0));
+        assert_eq!(outbox.push(&[frame(5)], Instant::now()), queued(0));
         let mut popped = Vec::new();
         assert_eq!(outbox.pop_many(&mut popped, 10), 2);
         assert_eq!(popped.iter().map(|f| f.seq).collect::<Vec<_>>(), [2, 3]);
         // Drained while behind: the reader is told to catch up, not left waiting.
         assert_eq!(outbox.next().await, Next::Behind);
         outbox.resume_live();
-        assert_eq!(outbox.push(&[frame(6)]), queued(1));
+        assert_eq!(outbox.push(&[frame(6)], Instant::now()), queued(1));
         assert_eq!(outbox.next().await, Next::Frame(frame(6)));
     }
 
@@ -208,14 +230,14 @@ mod tests {
             tokio::spawn(async move { (outbox.next().await, outbox.next().await) })
         };
         tokio::task::yield_now().await;
-        assert_eq!(outbox.push(&[frame(1), frame(2)]), Pushed { queued: 1, fell_behind: true });
+        assert_eq!(outbox.push(&[frame(1), frame(2)], Instant::now()), Pushed { queued: 1, fell_behind: true });
         assert_eq!(reader.await.expect("reader"), (Next::Frame(frame(1)), Next::Behind));
     }
 
     #[test]
     fn purging_a_topic_keeps_personal_frames_and_other_topics() {
         let outbox = Outbox::new(10);
-        outbox.push(&[on("a", 1), frame(2), on("b", 3), on("a", 4)]);
+        outbox.push(&[on("a", 1), frame(2), on("b", 3), on("a", 4)], Instant::now());
         outbox.purge_topic("a");
         let mut left = Vec::new();
         outbox.pop_many(&mut left, 10);
@@ -226,7 +248,7 @@ mod tests {
     fn a_drained_queue_gives_its_memory_back() {
         let outbox = Outbox::new(1000);
         let frames: Vec<_> = (0..500).map(frame).collect();
-        assert_eq!(outbox.push(&frames), queued(500));
+        assert_eq!(outbox.push(&frames, Instant::now()), queued(500));
         let mut popped = Vec::new();
         outbox.pop_many(&mut popped, 1000);
         assert_eq!(outbox.len(), 0);

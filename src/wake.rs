@@ -7,7 +7,10 @@
 //! pass runs cause exactly one more pass, and 10,000 wakeups a second cost a handful of queries.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// "Run a pass", coalesced: any number of wake-ups between two waits make one permit.
 #[derive(Default)]
@@ -15,13 +18,27 @@ pub struct Wakeups {
     notify: Notify,
     /// Total wake-ups requested, for `/metrics`: compare with claim passes to see the coalescing.
     requested: AtomicU64,
+    /// When the oldest wake-up not yet served arrived: the start of `nudge_wake_to_claim_seconds`. A lock held
+    /// for a compare and a store, never across anything else.
+    woken_at: Mutex<Option<Instant>>,
 }
 
 impl Wakeups {
     /// Ask for a claim pass. Never blocks, never allocates.
     pub fn wake(&self) {
         self.requested.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut woken_at = self.woken_at.lock().unwrap_or_else(|e| e.into_inner());
+            if woken_at.is_none() {
+                *woken_at = Some(Instant::now());
+            }
+        }
         self.notify.notify_one();
+    }
+
+    /// When the oldest wake-up since the last call arrived, if any: the pass about to start serves them all.
+    pub fn take_woken_at(&self) -> Option<Instant> {
+        self.woken_at.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// Wait until at least one wake-up arrived since the last call returned.
@@ -54,6 +71,11 @@ impl DeliveryWakeups {
     pub fn claimed(&self, seq: i64) {
         self.claimed_through.fetch_max(seq, Ordering::AcqRel);
         self.wakeups.wake();
+    }
+
+    /// Seqs up to `seq` are claimed and committed, and this node already routed them: no pass needed.
+    pub fn note_claimed(&self, seq: i64) {
+        self.claimed_through.fetch_max(seq, Ordering::AcqRel);
     }
 
     /// Something may be claimed past the cursor; go and look.

@@ -33,6 +33,35 @@ pub struct Event {
     pub data: Box<RawValue>,
 }
 
+impl Event {
+    /// `occurred_at` in milliseconds since the Unix epoch, read back from `at`; `None` if `at` is not in the
+    /// claim's format. Hand-parsed (fixed positions, no allocation): it runs for every claimed event, for
+    /// `nudge_event_age_at_claim_seconds`.
+    pub fn occurred_at_millis(&self) -> Option<i64> {
+        let b = self.at.as_bytes();
+        let separators = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':'), (19, b'.'), (23, b'Z')];
+        if b.len() != 24 || separators.iter().any(|&(i, c)| b[i] != c) {
+            return None;
+        }
+        let number = |from: usize, to: usize| -> Option<i64> {
+            b[from..to].iter().try_fold(0i64, |n, &c| c.is_ascii_digit().then(|| n * 10 + i64::from(c - b'0')))
+        };
+        let (year, month, day) = (number(0, 4)?, number(5, 7)?, number(8, 10)?);
+        let (hour, minute, second, milli) = (number(11, 13)?, number(14, 16)?, number(17, 19)?, number(20, 23)?);
+        if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+            return None;
+        }
+        // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days_from_civil).
+        let y = if month <= 2 { year - 1 } else { year };
+        let era = y.div_euclid(400);
+        let year_of_era = y - era * 400;
+        let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+        let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+        let days = era * 146_097 + day_of_era - 719_468;
+        Some((((days * 24 + hour) * 60 + minute) * 60 + second) * 1000 + milli)
+    }
+}
+
 /// What one claim statement did.
 #[derive(Debug, Default)]
 pub struct Claimed {
@@ -52,6 +81,9 @@ pub struct Batch {
     pub through: Option<i64>,
     /// Rows that could not be decoded: skipped, each logged once with its id, never retried.
     pub rejected: usize,
+    /// When this node's claim of the batch committed (its statement returned); `None` for rows read back. The
+    /// start of `nudge_claim_to_routed_seconds`.
+    pub claimed_at: Option<tokio::time::Instant>,
 }
 
 impl Batch {
@@ -296,4 +328,31 @@ fn event(row: &Row) -> Result<Event, Undecodable> {
     let data: String = row.try_get(6).map_err(|e| bad("data", &e))?;
     let data = RawValue::from_string(data).map_err(|e| bad("data", &e))?;
     Ok(Event { seq, id, topic, kind, at, recipients, data })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(at: &str) -> Event {
+        let data = RawValue::from_string("{}".into()).unwrap();
+        Event { seq: 1, id: 1, topic: "t".into(), kind: "k".into(), at: at.into(), recipients: None, data }
+    }
+
+    #[test]
+    fn occurred_at_reads_back_the_claims_format_and_nothing_else() {
+        assert_eq!(at("1970-01-01T00:00:00.000Z").occurred_at_millis(), Some(0));
+        assert_eq!(at("2026-12-04T19:30:05.123Z").occurred_at_millis(), Some(1_796_412_605_123));
+        assert_eq!(at("2000-02-29T23:59:59.999Z").occurred_at_millis(), Some(951_868_799_999));
+        assert_eq!(at("1969-12-31T23:59:59.000Z").occurred_at_millis(), Some(-1000));
+        for bad in [
+            "",
+            "2026-12-04 19:30:05.123Z",
+            "2026-13-04T19:30:05.123Z",
+            "2026-12-04T19:30:05.12xZ",
+            "2026-12-04T19:30:05.123+00",
+        ] {
+            assert_eq!(at(bad).occurred_at_millis(), None, "{bad:?}");
+        }
+    }
 }

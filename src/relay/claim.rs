@@ -8,7 +8,7 @@
 //! tokio's paused clock.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
@@ -293,17 +293,23 @@ impl Relay {
         loop {
             let tell_others = self.peers.others_alive();
             let started = Instant::now();
-            let claimed = store.claim(self.settings.claim_batch, self.settings.max_age, tell_others).await?;
-            self.metrics.stages.claim.record(started.elapsed());
+            // This statement serves every wake-up that came before it.
+            if let Some(woken_at) = self.claims.take_woken_at() {
+                self.metrics.stages.wake_to_claim.record(started.saturating_duration_since(woken_at));
+            }
+            let mut claimed = store.claim(self.settings.claim_batch, self.settings.max_age, tell_others).await?;
+            let committed = Instant::now();
+            self.metrics.stages.claim.record(committed - started);
             total += claimed.claimed;
             self.metrics.claimed.fetch_add(claimed.claimed as u64, Ordering::Relaxed);
             self.metrics.expired.fetch_add(claimed.expired as u64, Ordering::Relaxed);
+            self.record_ages(&claimed.batch);
             if let Some(last_seq) = claimed.batch.through {
                 tracing::debug!(claimed = claimed.claimed, expired = claimed.expired, last_seq, "claimed batch");
-                // Committed: hand the rows to our own delivery loop, which routes them without reading them back
-                // when they continue its cursor. Other nodes read them after the NOTIFY.
-                self.fresh.lock().unwrap_or_else(|e| e.into_inner()).push(claimed.batch);
-                self.deliveries.claimed(last_seq);
+                // Committed: route it now if it continues the cursor, else hand it to the delivery loop. Other
+                // nodes read it after the NOTIFY.
+                claimed.batch.claimed_at = Some(committed);
+                self.hand_over(claimed.batch);
             }
             if (claimed.claimed as i64) < self.settings.claim_batch {
                 return Ok(total);
@@ -313,6 +319,20 @@ impl Relay {
                 if flow.rate >= self.settings.awake_above {
                     return Ok(total);
                 }
+            }
+        }
+    }
+}
+
+impl Relay {
+    /// `nudge_event_age_at_claim_seconds`: now minus each event's `occurred_at`, PostgreSQL's clock against
+    /// this node's (an event from a clock ahead of ours counts as age 0).
+    fn record_ages(&self, batch: &events::Batch) {
+        let Ok(now) = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) else { return };
+        let now = now.as_millis() as i64;
+        for event in &batch.events {
+            if let Some(at) = event.occurred_at_millis() {
+                self.metrics.stages.age_at_claim.record(Duration::from_millis(now.saturating_sub(at).max(0) as u64));
             }
         }
     }
@@ -460,7 +480,7 @@ mod tests {
             let events: Vec<Event> = (*next..*next + rows as i64).map(event).collect();
             *next += rows as i64;
             let through = events.last().map(|e| e.seq);
-            Ok(Claimed { claimed: rows, expired: 0, batch: Batch { events, through, rejected: 0 } })
+            Ok(Claimed { claimed: rows, expired: 0, batch: Batch { events, through, rejected: 0, claimed_at: None } })
         }
 
         async fn producers_settled(&self) -> Result<bool, QueryError> {
@@ -526,6 +546,7 @@ mod tests {
             peers: Default::default(),
             gate_database: database,
             fresh: Default::default(),
+            routing: Default::default(),
             metrics: Default::default(),
             readiness: Default::default(),
             settings: RelaySettings {
@@ -759,5 +780,46 @@ mod tests {
         let seqs: Vec<i64> = fresh.iter().flat_map(|batch| batch.events.iter().map(|e| e.seq)).collect();
         assert_eq!(seqs, (1..=41).collect::<Vec<_>>(), "every event, once, in seq order");
         assert_eq!(relay.deliveries.claimed_through(), 41, "delivery was told how far claims went");
+    }
+
+    /// Frames queued to `outbox`, by seq.
+    fn queued_seqs(outbox: &crate::outbox::Outbox) -> Vec<i64> {
+        let mut frames = Vec::new();
+        outbox.pop_many(&mut frames, usize::MAX);
+        frames.iter().map(|frame| frame.seq).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_that_continues_the_cursor_is_routed_by_the_claim_task_itself() {
+        let relay = relay(10);
+        relay.hub.start_at(0);
+        let (id, outbox) = relay.hub.register(&"u".into(), 100);
+        relay.hub.subscribe(id, "t");
+        let store = Fake::new(|n, _| [10, 10, 4].get(n).copied().unwrap_or(0));
+        assert_eq!(relay.claim_pass(&store, None).await.unwrap(), 24);
+        assert!(relay.fresh.lock().unwrap().is_empty(), "nothing left for the delivery loop");
+        assert_eq!(queued_seqs(&outbox), (1..=24).collect::<Vec<_>>());
+        assert_eq!(relay.hub.cursor(), 24);
+        assert_eq!(relay.deliveries.claimed_through(), 24);
+        let metrics = relay.metrics.render(1, 0);
+        assert!(metrics.contains("nudge_claim_to_routed_seconds_count 3"), "{metrics}");
+        assert!(metrics.contains("nudge_event_age_at_claim_seconds_count 24"), "{metrics}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rows_read_back_skip_what_the_claim_task_routed_meanwhile() {
+        let relay = relay(10);
+        relay.hub.start_at(0);
+        let (id, outbox) = relay.hub.register(&"u".into(), 100);
+        relay.hub.subscribe(id, "t");
+        // The delivery loop read (0, 15] while the claim task routed its own batch of 1..=10.
+        let read = Batch { events: (1..=15).map(event).collect(), through: Some(15), rejected: 0, claimed_at: None };
+        let store = Fake::new(|n, _| [10].get(n).copied().unwrap_or(0));
+        relay.claim_pass(&store, None).await.unwrap();
+        relay.route_past_cursor(&read);
+        assert_eq!(queued_seqs(&outbox), (1..=15).collect::<Vec<_>>(), "each seq once, in order");
+        relay.route_past_cursor(&read);
+        assert!(queued_seqs(&outbox).is_empty(), "a read wholly behind the cursor routes nothing");
+        assert_eq!(relay.hub.cursor(), 15);
     }
 }

@@ -1,6 +1,11 @@
-//! The delivery loop: route claimed rows past the node cursor, in seq order, to this node's connections. This
-//! node's own fresh batches are routed without a read when they continue the cursor; anything else is read back
-//! (`db::events::read_after`). `start_cursor` places a starting node's cursor at the cluster's last seq.
+//! Delivery: route claimed rows past the node cursor, in seq order, to this node's connections.
+//!
+//! A batch this node claims is routed by the claim task itself, at once, when it continues the cursor
+//! (`hand_over`: no task hop between a claim and its frames; the common case on one node). Otherwise it waits in
+//! `fresh` for the delivery loop, which routes it if it continues the cursor by then and reads everything else
+//! back (`db::events::read_after`). Both route under `Relay::routing`, one batch at a time, and only rows past
+//! the cursor: a row is routed once whichever task gets to it first. `start_cursor` places a starting node's
+//! cursor at the cluster's last seq.
 
 use std::sync::atomic::Ordering;
 
@@ -37,16 +42,11 @@ impl Relay {
     /// wake-up could not tell (poll, reconnect, retry).
     async fn delivery_pass(&self) -> Result<(), QueryError> {
         let mut look = self.deliveries.take_look();
-        // Our own claims first: a batch that starts right after the cursor needs no read (the common case on a
-        // single node, and the lowest latency). Any other batch is dropped: the read below finds its rows.
+        // Our own claims first: a batch that continues the cursor needs no read. Any other batch is dropped: the
+        // read below finds its rows.
         let fresh = std::mem::take(&mut *self.fresh.lock().unwrap_or_else(|e| e.into_inner()));
         for batch in fresh {
-            // A claim's block of seqs starts at its lowest (possibly skipped) row; decoded or not, the rows
-            // between the cursor and `through` are exactly this batch's.
-            let first = batch.through.map(|through| through - batch.len() as i64 + 1);
-            if first == Some(self.hub.cursor() + 1) {
-                self.route(&batch);
-            }
+            self.route_if_next(&batch);
         }
         loop {
             if !look && self.hub.cursor() >= self.deliveries.claimed_through() {
@@ -58,16 +58,57 @@ impl Relay {
                 return Ok(());
             }
             // Routing advances the hub's cursor past the batch's last seq.
-            self.route(&batch);
+            self.route_past_cursor(&batch);
             if (batch.len() as i64) < self.settings.claim_batch {
                 look = false;
             }
         }
     }
 
-    fn route(&self, batch: &events::Batch) {
+    /// A batch this node just claimed (committed): routed here, on the claim task, if it continues the cursor;
+    /// otherwise queued for the delivery loop.
+    pub(super) fn hand_over(&self, batch: events::Batch) {
+        let Some(last_seq) = batch.through else { return };
+        if self.route_if_next(&batch) {
+            self.deliveries.note_claimed(last_seq);
+        } else {
+            self.fresh.lock().unwrap_or_else(|e| e.into_inner()).push(batch);
+            self.deliveries.claimed(last_seq);
+        }
+    }
+
+    /// Route a claimed batch if its first seq is the one after the cursor; false (and nothing routed) otherwise.
+    fn route_if_next(&self, batch: &events::Batch) -> bool {
+        let _turn = self.routing.lock().unwrap_or_else(|e| e.into_inner());
+        // A claim's block of seqs starts at its lowest (possibly skipped) row; decoded or not, the rows between
+        // the cursor and `through` are exactly this batch's.
+        let first = batch.through.map(|through| through - batch.len() as i64 + 1);
+        if first != Some(self.hub.cursor() + 1) {
+            return false;
+        }
+        self.route(&batch.events, batch);
+        true
+    }
+
+    /// Route the rows of a batch read back past the cursor, leaving out any the claim task routed meanwhile (the
+    /// read started from an older cursor; rows are gapless in seq, so what is left continues the cursor).
+    pub(super) fn route_past_cursor(&self, batch: &events::Batch) {
+        let _turn = self.routing.lock().unwrap_or_else(|e| e.into_inner());
+        let cursor = self.hub.cursor();
+        if batch.through.is_some_and(|through| through <= cursor) {
+            return;
+        }
+        let unrouted = batch.events.partition_point(|e| e.seq <= cursor);
+        self.route(&batch.events[unrouted..], batch);
+    }
+
+    /// Under the routing turn: queue `events` (the rows of `batch` not yet routed) and move the cursor.
+    fn route(&self, events: &[events::Event], batch: &events::Batch) {
         self.metrics.rejected.fetch_add(batch.rejected as u64, Ordering::Relaxed);
-        let routed = self.hub.route(&batch.events, batch.through, &self.metrics);
+        let routed = self.hub.route(events, batch.through, &self.metrics);
+        if let Some(claimed_at) = batch.claimed_at {
+            self.metrics.stages.claim_to_routed.record(claimed_at.elapsed());
+        }
         tracing::debug!(
             events = batch.events.len(),
             delivered = routed.delivered,

@@ -53,8 +53,13 @@ pub struct Relay {
     pub peers: Arc<Peers>,
     /// The direct session config (never PgBouncer) for the wake gate's session-level lock.
     pub gate_database: db::Database,
-    /// Batches this node claimed, in claim order, waiting for the delivery loop (which alone routes).
+    /// Batches this node claimed that did not continue the cursor when claimed, in claim order, waiting for the
+    /// delivery loop.
     pub fresh: Mutex<Vec<events::Batch>>,
+    /// The turn to route: the claim task (its own batches) and the delivery loop (the rest) both route, one
+    /// batch at a time, so that the hub sees every seq once and in order. Held only while routing, which never
+    /// waits.
+    pub routing: Mutex<()>,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
     /// A failed pass tells `/readyz` why.
