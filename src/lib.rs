@@ -27,4 +27,5 @@ pub mod protocol;
 pub mod relay;
 pub mod shutdown;
 pub mod supervisor;
+pub mod throwaway;
 pub mod wake;
