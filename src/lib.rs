@@ -29,4 +29,5 @@ pub mod relay;
 pub mod replay;
 pub mod shutdown;
 pub mod supervisor;
+pub mod throwaway;
 pub mod wake;

@@ -250,7 +250,7 @@ async fn metrics_count_connections_and_deliveries() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_with_the_database_down_retries_and_becomes_ready() {
-    let db = TestDb::unborn();
+    let db = TestDb::unborn().await;
     let nudge = Nudge::start_unready(&db.url, &[]).await;
     assert_eq!(nudge.get("/healthz").await, (200, "ok".to_string()));
     let (status, reason) = nudge.get("/readyz").await;

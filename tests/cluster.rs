@@ -993,7 +993,7 @@ impl PgBouncer {
              max_client_conn = 200\ndefault_pool_size = 20\nadmin_users = postgres\n\
              logfile = {dir}/pgbouncer.log\n",
             name = db.name,
-            pg = cluster().port,
+            pg = cluster().await.port(),
             dir = dir.display(),
         );
         std::fs::write(dir.join("pgbouncer.ini"), ini).unwrap();

@@ -34,7 +34,7 @@ struct Faulty {
 impl Faulty {
     async fn start(options: &[(&str, &str)]) -> Faulty {
         let db = TestDb::new().await;
-        let proxy = Proxy::start(cluster().port).await;
+        let proxy = Proxy::start(cluster().await.port()).await;
         let pg = db.client().await;
         let (nudge, ws) = start_through(&proxy, &db.name, options, &pg).await;
         Faulty { db, proxy, nudge, ws, pg }
@@ -154,16 +154,16 @@ async fn terminated_backends_are_replaced_and_the_event_is_delivered() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_postgresql_restart_is_survived_and_the_event_is_delivered() {
-    let server = OwnCluster::start();
+    let mut server = OwnCluster::start().await;
     server.create_database("faults").await;
     let proxy = Proxy::start(server.port).await;
     let mut pg = pg_connect(&server.url("faults")).await;
     let (nudge, mut ws) = start_through(&proxy, "faults", QUICK, &pg).await;
 
-    server.stop();
+    server.stop().await;
     let reason = listen_down(&nudge).await;
     eprintln!("PostgreSQL stopped: /readyz 503: {reason}");
-    server.start_again();
+    server.start_again().await;
     // The event is committed as soon as the server is back: nudge's old sessions are gone and it may not have
     // reconnected yet.
     pg = pg_connect(&server.url("faults")).await;

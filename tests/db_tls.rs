@@ -47,27 +47,24 @@ async fn server() -> &'static TlsServer {
         .get_or_init(|| async {
             let generated = std::env::temp_dir().join(format!("nudge-db-tls-{}-{}", std::process::id(), free_port()));
             generate_certificates(&generated);
-            let mut tls = PathBuf::new();
-            let cluster = OwnCluster::start_with(|data| {
-                tls = data.join("tls");
-                copy_dir(&generated, &tls);
-                let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
-                std::io::Write::write_all(
-                    &mut conf,
-                    b"\nssl = on\nssl_cert_file = 'tls/server.pem'\nssl_key_file = 'tls/server.key'\n\
-                      ssl_ca_file = 'tls/ca.pem'\n",
-                )
-                .unwrap();
-                // First match wins: plain text is refused before any authentication.
-                std::fs::write(
-                    data.join("pg_hba.conf"),
-                    "local all all trust\n\
-                     hostnossl all all all reject\n\
-                     hostssl all certuser 127.0.0.1/32 cert\n\
-                     hostssl all all 127.0.0.1/32 scram-sha-256\n",
-                )
-                .unwrap();
-            });
+            let certificates = generated.clone();
+            let cluster = OwnCluster::start_with(|builder| {
+                builder
+                    .configure(move |data| copy_dir(&certificates, &data.join("tls")))
+                    .postgresql_conf(
+                        "ssl = on\nssl_cert_file = 'tls/server.pem'\nssl_key_file = 'tls/server.key'\n\
+                         ssl_ca_file = 'tls/ca.pem'",
+                    )
+                    // First match wins: plain text is refused before any authentication.
+                    .pg_hba_conf(
+                        "local all all trust\n\
+                         hostnossl all all all reject\n\
+                         hostssl all certuser 127.0.0.1/32 cert\n\
+                         hostssl all all 127.0.0.1/32 scram-sha-256\n",
+                    )
+            })
+            .await;
+            let tls = cluster.data().join("tls");
             let _ = std::fs::remove_dir_all(&generated);
             let admin = pg_connect(&cluster.socket_url("postgres")).await;
             admin
@@ -81,14 +78,15 @@ async fn server() -> &'static TlsServer {
         .await
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), to.join(entry.file_name()))?;
     }
     // PostgreSQL refuses a key file others can read.
     set_mode(&to.join("server.key"), 0o600);
+    Ok(())
 }
 
 fn set_mode(path: &Path, mode: u32) {
@@ -491,16 +489,14 @@ async fn the_pool_reaches_postgres_through_pgbouncer_over_tls() {
 #[tokio::test(flavor = "multi_thread")]
 async fn prefer_falls_back_to_plain_text_when_the_handshake_fails() {
     let server = server().await;
-    let old = OwnCluster::start_with(|data| {
-        copy_dir(&server.tls, &data.join("tls"));
-        let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
-        std::io::Write::write_all(
-            &mut conf,
-            b"\nssl = on\nssl_cert_file = 'tls/server.pem'\nssl_key_file = 'tls/server.key'\n\
-              ssl_min_protocol_version = 'TLSv1'\nssl_max_protocol_version = 'TLSv1.1'\n",
+    let certificates = server.tls.clone();
+    let old = OwnCluster::start_with(|builder| {
+        builder.configure(move |data| copy_dir(&certificates, &data.join("tls"))).postgresql_conf(
+            "ssl = on\nssl_cert_file = 'tls/server.pem'\nssl_key_file = 'tls/server.key'\n\
+             ssl_min_protocol_version = 'TLSv1'\nssl_max_protocol_version = 'TLSv1.1'",
         )
-        .unwrap();
-    });
+    })
+    .await;
     old.create_database("prefer").await;
     let url = |query: &str| format!("postgres://postgres@127.0.0.1:{}/prefer{query}", old.port);
 

@@ -10,7 +10,6 @@
 //! `--listen` is on its command line ([`restrict`]).
 
 mod api;
-mod postgres;
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -18,7 +17,7 @@ use std::sync::Arc;
 
 use crate::auth::JwtAlgorithm;
 use crate::config::{ConfigError, Options};
-use crate::{db, node};
+use crate::{db, node, throwaway};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -28,7 +27,7 @@ pub enum DemoError {
     #[error("{0}")]
     NoPostgres(String),
     #[error("throwaway PostgreSQL: {0}")]
-    Cluster(postgres::ClusterError),
+    Cluster(throwaway::Error),
     #[error("database: {0}")]
     Database(String),
     #[error(transparent)]
@@ -73,17 +72,25 @@ fn restrict(options: &mut Options, command_line: CommandLine) {
 
 pub async fn run(mut options: Options, command_line: CommandLine) -> Result<(), DemoError> {
     restrict(&mut options, command_line);
-    let (cluster, url) = match options.database_url.clone() {
-        Some(url) => (None, url),
-        None => {
-            let cluster = postgres::Cluster::start().await.map_err(|e| match e {
-                postgres::ClusterError::NotFound => DemoError::NoPostgres(e.to_string()),
-                other => DemoError::Cluster(other),
-            })?;
-            let url = cluster.url.clone();
-            (Some(cluster), url)
+    let Some(url) = options.database_url.clone() else {
+        // Named after the process, so that a demo's cluster is easy to find (tests/demo.rs looks for it).
+        let directory = std::env::temp_dir().join(format!("nudge-demo-{}", std::process::id()));
+        let cluster = throwaway::Builder::new().directory(directory).start().await.map_err(|e| match e {
+            throwaway::Error::NoBinaries => DemoError::NoPostgres(format!("{e} or pass --database-url")),
+            other => DemoError::Cluster(other),
+        })?;
+        let served = serve(options, cluster.url(), true).await;
+        // Deleted before the demo exits, whichever way `serve` ended (the guard would do it after, otherwise).
+        if let Err(e) = cluster.stop().await {
+            tracing::warn!("stopping the throwaway PostgreSQL: {e}");
         }
+        return served;
     };
+    serve(options, url, false).await
+}
+
+/// The demo on the database at `url` (`throwaway`: one `run` started, which the banner says).
+async fn serve(options: Options, url: String, throwaway: bool) -> Result<(), DemoError> {
     let database = db::Database::parse(&url).map_err(ConfigError::from_database_url)?;
     prepare_database(&database).await?;
 
@@ -93,9 +100,7 @@ pub async fn run(mut options: Options, command_line: CommandLine) -> Result<(), 
     let tls = config.tls.is_some();
     let pool = db::pool(&database, 4).map_err(|e| DemoError::Database(e.to_string()))?;
     let routes = api::routes(pool, secret);
-    let throwaway = cluster.is_some();
     node::run(config, Some(routes), |addr| banner(addr, tls, &url, throwaway)).await?;
-    drop(cluster);
     Ok(())
 }
 

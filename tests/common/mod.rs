@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -57,131 +57,26 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
-}
-
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL cluster
 // ---------------------------------------------------------------------------------------------
 
-pub struct Cluster {
-    pub port: u16,
-    pub dir: PathBuf,
-    /// Held open for the life of the test binary: when it closes, the wrapper stops postgres and
-    /// removes the directory.
-    _stdin: Mutex<ChildStdin>,
-    _wrapper: Mutex<Child>,
+/// A throwaway cluster as the tests want it: fast and disposable (no durability), room for many sessions.
+pub fn throwaway() -> nudge::throwaway::Builder {
+    nudge::throwaway::Builder::new()
+        .setting("fsync", "off")
+        .setting("synchronous_commit", "off")
+        .setting("full_page_writes", "off")
+        .setting("max_connections", "300")
 }
 
-fn pg_bin_dir() -> PathBuf {
-    // Highest version under /usr/lib/postgresql first, then PATH.
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let v: u32 = e.file_name().to_str()?.parse().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("postgres").exists().then_some((v, bin))
-        })
-        .collect();
-    versions.sort();
-    if let Some((_, bin)) = versions.pop() {
-        return bin;
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path) {
-        if dir.join("initdb").exists() && dir.join("postgres").exists() {
-            return dir;
-        }
-    }
-    panic!("PostgreSQL server binaries (initdb, postgres) not found on PATH or under /usr/lib/postgresql/*/bin");
-}
-
-fn as_pg_user(root: bool, program: &Path) -> Command {
-    if root {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(program);
-        c
-    } else {
-        Command::new(program)
-    }
-}
-
-pub fn cluster() -> &'static Cluster {
-    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-    CLUSTER.get_or_init(start_cluster)
-}
-
-fn start_cluster() -> Cluster {
-    let bin = pg_bin_dir();
-    let root = is_root();
-    let dir = PathBuf::from(format!("/tmp/nudge-test-pg-{}", unique()));
-    std::fs::create_dir_all(&dir).unwrap();
-    if root {
-        let st = Command::new("chown").args(["-R", "postgres:"]).arg(&dir).status().unwrap();
-        assert!(st.success(), "chown of {} failed", dir.display());
-    }
-    let data = dir.join("data");
-    let out = as_pg_user(root, &bin.join("initdb"))
-        .arg("-D")
-        .arg(&data)
-        .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"])
-        .output()
-        .expect("run initdb");
-    assert!(
-        out.status.success(),
-        "initdb failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let port = free_port();
-    let script = format!(
-        "'{postgres}' -D '{data}' -p {port} -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
-         -c listen_addresses=127.0.0.1 -c unix_socket_directories='{dir}' -c max_connections=300 \
-         >'{dir}/postgres.log' 2>&1 & pid=$!; read _; kill -INT $pid; wait $pid; rm -rf '{dir}'",
-        postgres = bin.join("postgres").display(),
-        data = data.display(),
-        dir = dir.display(),
-    );
-    let mut wrapper = as_pg_user(root, Path::new("/bin/sh"))
-        .arg("-c")
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start postgres wrapper");
-    let stdin = wrapper.stdin.take().unwrap();
-
-    // Wait for readiness by polling a connection, on a private runtime (we may be called from
-    // inside a test's runtime).
-    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
-    let log = dir.join("postgres.log");
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
-                    Ok(_) => return,
-                    Err(e) => {
-                        if Instant::now() > deadline {
-                            panic!(
-                                "postgres did not become ready: {e}\n{}",
-                                std::fs::read_to_string(&log).unwrap_or_default()
-                            );
-                        }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        })
-    })
-    .join()
-    .expect("postgres readiness");
-    Cluster { port, dir, _stdin: Mutex::new(stdin), _wrapper: Mutex::new(wrapper) }
+/// The cluster every test of this binary shares (one database each, `TestDb`). Never dropped: the test binary's
+/// exit closes its guard's pipe, which stops and deletes it.
+pub async fn cluster() -> &'static nudge::throwaway::Cluster {
+    static CLUSTER: tokio::sync::OnceCell<nudge::throwaway::Cluster> = tokio::sync::OnceCell::const_new();
+    CLUSTER
+        .get_or_init(|| async { throwaway().start().await.unwrap_or_else(|e| panic!("throwaway PostgreSQL: {e}")) })
+        .await
 }
 
 pub async fn pg_connect(url: &str) -> tokio_postgres::Client {
@@ -234,11 +129,10 @@ fn url_as(url: &str, user: &str) -> String {
 
 /// psql from the cluster's binaries (sql/roles.sql uses psql's variables and `\if`).
 pub fn psql() -> PathBuf {
-    let bin = pg_bin_dir().join("psql");
-    if bin.exists() {
-        return bin;
+    match nudge::throwaway::server_binaries().map(|bin| bin.join("psql")) {
+        Some(psql) if psql.exists() => psql,
+        _ => PathBuf::from("psql"),
     }
-    PathBuf::from("psql")
 }
 
 /// Apply sql/roles.sql as `owner_url`'s role with these role names; (success, psql's stderr).
@@ -257,22 +151,21 @@ pub fn apply_roles_sql(owner_url: &str, runtime: &str, producer: &str) -> (bool,
 impl TestDb {
     /// A fresh, empty database of its own for one test.
     pub async fn new() -> TestDb {
-        let db = TestDb::unborn();
+        let db = TestDb::unborn().await;
         db.create().await;
         db
     }
 
     /// A name and URL for a database that does not exist yet (`create()` makes it).
-    pub fn unborn() -> TestDb {
+    pub async fn unborn() -> TestDb {
         static N: AtomicU64 = AtomicU64::new(0);
-        let c = cluster();
         let name = format!("test_{}", N.fetch_add(1, Ordering::SeqCst));
-        let url = format!("postgres://postgres@127.0.0.1:{}/{}", c.port, name);
+        let url = cluster().await.database_url(&name);
         TestDb { name, url }
     }
 
     pub async fn create(&self) {
-        let admin = pg_connect(&format!("postgres://postgres@127.0.0.1:{}/postgres", cluster().port)).await;
+        let admin = pg_connect(&cluster().await.url()).await;
         let name = &self.name;
         admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
         admin
@@ -1221,128 +1114,58 @@ async fn proxy_connection(
 // A PostgreSQL cluster of one's own, to stop and start
 // ---------------------------------------------------------------------------------------------
 
-/// A PostgreSQL cluster for one test that restarts it (the shared `cluster()` serves every test of the binary).
-/// Stopped and removed when dropped, or when the test binary exits.
+/// A PostgreSQL cluster for one test that restarts it, or configures it (the shared `cluster()` serves every test
+/// of the binary). Stopped and removed when dropped, or when the test binary exits.
 pub struct OwnCluster {
     pub port: u16,
-    dir: PathBuf,
-    bin: PathBuf,
-    root: bool,
-    _stdin: Mutex<ChildStdin>,
-    _wrapper: Mutex<Child>,
+    cluster: nudge::throwaway::Cluster,
 }
 
 impl OwnCluster {
-    pub fn start() -> OwnCluster {
-        Self::start_with(|_| {})
+    pub async fn start() -> OwnCluster {
+        Self::start_with(|builder| builder).await
     }
 
-    /// `start`, with `configure` editing the data directory (postgresql.conf, pg_hba.conf, certificates) before
-    /// the first start.
-    pub fn start_with(configure: impl FnOnce(&Path)) -> OwnCluster {
-        // The shared cluster first: both pick a free port and bind it later, so starting them concurrently could
-        // pick the same one.
-        cluster();
-        let bin = pg_bin_dir();
-        let root = is_root();
-        let dir = PathBuf::from(format!("/tmp/nudge-test-own-pg-{}", unique()));
-        std::fs::create_dir_all(&dir).unwrap();
-        if root {
-            let st = Command::new("chown").args(["-R", "postgres:"]).arg(&dir).status().unwrap();
-            assert!(st.success(), "chown of {} failed", dir.display());
-        }
-        let out = as_pg_user(root, &bin.join("initdb"))
-            .arg("-D")
-            .arg(dir.join("data"))
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"])
-            .output()
-            .expect("run initdb");
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        configure(&dir.join("data"));
-        if root {
-            let st = Command::new("chown").args(["-R", "postgres:"]).arg(&dir).status().unwrap();
-            assert!(st.success(), "chown of {} failed", dir.display());
-        }
-        // Whatever happens to the test, closing stdin (the binary exiting) stops the cluster and removes it.
-        let guard = format!(
-            "read _; '{pg_ctl}' -D '{dir}/data' -m immediate stop >/dev/null 2>&1; rm -rf '{dir}'",
-            pg_ctl = bin.join("pg_ctl").display(),
-            dir = dir.display(),
-        );
-        let mut wrapper = as_pg_user(root, Path::new("/bin/sh"))
-            .arg("-c")
-            .arg(guard)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the cluster's guard");
-        let stdin = wrapper.stdin.take().unwrap();
-        let cluster =
-            OwnCluster { port: free_port(), dir, bin, root, _stdin: Mutex::new(stdin), _wrapper: Mutex::new(wrapper) };
-        cluster.start_again();
-        cluster
-    }
-
-    fn pg_ctl(&self, args: &[&str]) {
-        let out = as_pg_user(self.root, &self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .args(args)
-            .stdout(Stdio::null())
-            .output()
-            .expect("run pg_ctl");
-        assert!(
-            out.status.success(),
-            "pg_ctl {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
-        );
+    /// `start`, with `configure` adding to the harness's [`throwaway`] settings (postgresql.conf, pg_hba.conf,
+    /// files in the data directory).
+    pub async fn start_with(
+        configure: impl FnOnce(nudge::throwaway::Builder) -> nudge::throwaway::Builder,
+    ) -> OwnCluster {
+        let cluster = configure(throwaway().setting("max_connections", "100"))
+            .start()
+            .await
+            .unwrap_or_else(|e| panic!("throwaway PostgreSQL: {e}"));
+        OwnCluster { port: cluster.port(), cluster }
     }
 
     /// Fast shutdown, as an operator's restart does: every session is ended by the server.
-    pub fn stop(&self) {
-        self.pg_ctl(&["-m", "fast", "-w", "stop"]);
+    pub async fn stop(&mut self) {
+        self.cluster.stop_server().await.unwrap_or_else(|e| panic!("stopping PostgreSQL: {e}"));
     }
 
-    /// Start (again) on the same port, waiting until it accepts connections.
-    pub fn start_again(&self) {
-        let options = format!(
-            "-p {port} -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c listen_addresses=127.0.0.1 \
-             -c unix_socket_directories='{dir}' -c max_connections=100",
-            port = self.port,
-            dir = self.dir.display(),
-        );
-        let log = self.dir.join("postgres.log");
-        self.pg_ctl(&["-w", "-t", "60", "-l", log.to_str().unwrap(), "-o", &options, "start"]);
+    /// Start again on the same port, waiting until it accepts connections.
+    pub async fn start_again(&mut self) {
+        self.cluster.start_server().await.unwrap_or_else(|e| panic!("restarting PostgreSQL: {e}"));
     }
 
     pub fn url(&self, name: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+        self.cluster.database_url(name)
+    }
+
+    /// The cluster's data directory.
+    pub fn data(&self) -> PathBuf {
+        self.cluster.directory().join("data")
     }
 
     /// Database `name` as `postgres` over the cluster's Unix socket (key=value form): trusted by initdb's pg_hba.conf,
     /// never TLS.
     pub fn socket_url(&self, name: &str) -> String {
-        format!("host={} port={} user=postgres dbname={name}", self.dir.display(), self.port)
+        format!("host={} port={} user=postgres dbname={name}", self.cluster.directory().display(), self.port)
     }
 
     pub async fn create_database(&self, name: &str) {
         let admin = pg_connect(&self.url("postgres")).await;
         admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
-    }
-}
-
-impl Drop for OwnCluster {
-    fn drop(&mut self) {
-        // Stop now rather than when the binary exits; the guard then only removes the directory.
-        let _ = as_pg_user(self.root, &self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .args(["-m", "immediate", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
     }
 }
 
