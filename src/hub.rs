@@ -266,18 +266,9 @@ pub fn encode(event: &Event, topic: Option<&Arc<str>>) -> Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::value::RawValue;
 
     fn event(id: i64, topic: &str, recipients: Option<&[&str]>) -> Event {
-        Event {
-            seq: id,
-            id,
-            topic: topic.into(),
-            kind: "k".into(),
-            at: "2026-11-25T10:00:00.000Z".into(),
-            recipients: recipients.map(|r| r.iter().map(|s| s.to_string()).collect()),
-            data: RawValue::from_string("{}".into()).expect("json"),
-        }
+        Event::sample(id, topic, recipients)
     }
 
     fn ids(outbox: &Outbox) -> Vec<i64> {

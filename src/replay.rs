@@ -292,8 +292,6 @@ impl Replays {
 mod tests {
     use std::sync::Mutex;
 
-    use serde_json::value::RawValue;
-
     use super::*;
     use crate::db::events::Event;
     use crate::health::Metrics;
@@ -366,15 +364,7 @@ mod tests {
     }
 
     fn event(seq: i64) -> Event {
-        Event {
-            seq,
-            id: seq,
-            topic: "t".into(),
-            kind: "k".into(),
-            at: "2026-11-25T10:00:00.000Z".into(),
-            recipients: Some(vec!["alice".into()]),
-            data: RawValue::from_string("{}".into()).expect("json"),
-        }
+        Event::sample(seq, "t", Some(&["alice"]))
     }
 
     fn seqs(frames: &[Frame]) -> Vec<i64> {

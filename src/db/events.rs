@@ -62,6 +62,22 @@ impl Event {
     }
 }
 
+#[cfg(test)]
+impl Event {
+    /// A well-formed event for unit tests: `seq` and `id` equal, kind `k`, empty data, a fixed `at`.
+    pub(crate) fn sample(seq: i64, topic: &str, recipients: Option<&[&str]>) -> Event {
+        Event {
+            seq,
+            id: seq,
+            topic: topic.into(),
+            kind: "k".into(),
+            at: "2026-11-25T10:00:00.000Z".into(),
+            recipients: recipients.map(|users| users.iter().map(|user| user.to_string()).collect()),
+            data: RawValue::from_string("{}".into()).expect("json"),
+        }
+    }
+}
+
 /// What one claim statement did.
 #[derive(Debug, Default)]
 pub struct Claimed {
@@ -335,8 +351,7 @@ mod tests {
     use super::*;
 
     fn at(at: &str) -> Event {
-        let data = RawValue::from_string("{}".into()).unwrap();
-        Event { seq: 1, id: 1, topic: "t".into(), kind: "k".into(), at: at.into(), recipients: None, data }
+        Event { at: at.into(), ..Event::sample(1, "t", None) }
     }
 
     #[test]

@@ -380,8 +380,6 @@ impl GateSession for Gate {
 mod tests {
     use std::sync::{Arc, Mutex};
 
-    use serde_json::value::RawValue;
-
     use super::*;
     use crate::config::RelaySettings;
     use crate::db::events::{Batch, Event};
@@ -524,15 +522,7 @@ mod tests {
     }
 
     fn event(seq: i64) -> Event {
-        Event {
-            seq,
-            id: seq,
-            topic: "t".into(),
-            kind: "k".into(),
-            at: "2026-01-01T00:00:00.000Z".into(),
-            recipients: None,
-            data: RawValue::from_string("{}".into()).unwrap(),
-        }
+        Event::sample(seq, "t", None)
     }
 
     /// A relay whose database is never reached: the store is the fake, and the pool never opens a session.
