@@ -53,8 +53,8 @@ BEGIN
             USING HINT = 'The owner is the role that ran `nudge migrate`.';
     END IF;
     SELECT max(m.version) INTO version FROM nudge.schema_migrations m;
-    IF version IS NULL OR version < 7 THEN
-        RAISE EXCEPTION 'schema nudge is at version %, roles.sql needs 7 or later: run `nudge migrate` first',
+    IF version IS NULL OR version < 8 THEN
+        RAISE EXCEPTION 'schema nudge is at version %, roles.sql needs 8 or later: run `nudge migrate` first',
             coalesce(version, 0);
     END IF;
     FOREACH r IN ARRAY ARRAY[runtime, producer] LOOP
@@ -92,10 +92,12 @@ GRANT USAGE ON SCHEMA nudge TO :"runtime", :"producer";
 -- sets seq and processed_at, and takes numbers from nudge.delivery), deliveries and replays (SELECT), the
 -- retention sweep (DELETE), heartbeats and `nudge status` (nudge.nodes), the `--no-migrate` check.
 GRANT SELECT, DELETE, UPDATE (processed_at, seq) ON nudge.events TO :"runtime";
-GRANT SELECT, UPDATE (last_seq) ON nudge.delivery TO :"runtime";
+GRANT SELECT, UPDATE (last_seq, server_started) ON nudge.delivery TO :"runtime";
+GRANT SELECT ON nudge.retention TO :"runtime";
 GRANT SELECT, INSERT, UPDATE, DELETE ON nudge.nodes TO :"runtime";
 GRANT SELECT ON nudge.schema_migrations TO :"runtime";
 GRANT EXECUTE ON FUNCTION nudge.claim(bigint, double precision, boolean) TO :"runtime";
+GRANT EXECUTE ON FUNCTION nudge.claim(bigint, double precision, boolean, boolean) TO :"runtime";
 -- Presence (schema 7): each node writes its own rows; `nudge status` and operators read the status view.
 GRANT SELECT, INSERT, UPDATE, DELETE ON nudge.presence_users, nudge.presence_topics TO :"runtime";
 GRANT SELECT ON nudge.presence, nudge.topic_presence, nudge.status TO :"runtime";

@@ -158,6 +158,11 @@ pub struct Options {
     #[arg(long, env = "NUDGE_CLAIM_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=100_000), global = true)]
     pub claim_batch: i64,
 
+    /// How a claim commits: `durable` waits for its WAL flush (nothing is ever delivered twice); `async` does not,
+    /// and after a PostgreSQL crash redelivers the events claimed in its last moments (same id, new seq).
+    #[arg(long, env = "NUDGE_CLAIM_COMMIT", value_enum, default_value_t = ClaimCommit::Durable, global = true)]
+    pub claim_commit: ClaimCommit,
+
     /// Producer transactions per second from which a node claims in a loop and producers skip their NOTIFY
     /// (the wake gate); below it every inserting transaction NOTIFYs.
     #[arg(long, env = "NUDGE_AWAKE_ABOVE", default_value_t = 2500, value_parser = clap::value_parser!(u32).range(1..), global = true)]
@@ -320,11 +325,24 @@ pub struct DatabaseTimeouts {
     pub statement: Duration,
 }
 
+/// How a claim's transaction commits (`NUDGE_CLAIM_COMMIT`; sql/0008_claim_commit.sql).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClaimCommit {
+    /// Wait for the WAL flush: a claim whose events went out survives a PostgreSQL crash.
+    Durable,
+    /// `synchronous_commit = off` for the claim only: a claim skips its WAL flush (about half a millisecond on a
+    /// durable disk), and a PostgreSQL crash may forget the claims of its last moments (at most three
+    /// `wal_writer_delay`s), whose events are then claimed and delivered again, with the same id and a new, higher
+    /// seq. Nothing is lost; online clients may see such an event twice.
+    Async,
+}
+
 /// Settings of the claim loop and the retention sweep.
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
     pub poll_interval: Duration,
     pub claim_batch: i64,
+    pub claim_commit: ClaimCommit,
     /// Producer transactions per second from which the claim loop holds the wake gate (relay/claim.rs, `Flow`).
     pub awake_above: f64,
     pub retention: Duration,
@@ -506,6 +524,7 @@ impl Options {
             relay: RelaySettings {
                 poll_interval: self.poll_interval,
                 claim_batch: self.claim_batch,
+                claim_commit: self.claim_commit,
                 awake_above: f64::from(self.awake_above),
                 retention: self.retention,
                 max_age: self.max_age,

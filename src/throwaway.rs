@@ -246,11 +246,22 @@ impl Cluster {
     /// Stop the server as an operator's restart does (fast shutdown: the server ends every session), keeping the
     /// cluster for [`Cluster::start_server`].
     pub async fn stop_server(&mut self) -> Result<(), Error> {
+        self.end_server("-INT").await
+    }
+
+    /// Crash the server: an immediate shutdown (SIGQUIT), in which no process writes anything more, so WAL not
+    /// yet written from shared memory (commits with `synchronous_commit = off`) is lost, as in a power cut. The
+    /// next [`Cluster::start_server`] runs crash recovery.
+    pub async fn crash_server(&mut self) -> Result<(), Error> {
+        self.end_server("-QUIT").await
+    }
+
+    async fn end_server(&mut self, signal: &str) -> Result<(), Error> {
         let Some(mut server) = self.server.take() else {
             return Ok(());
         };
         if let Some(pid) = self.postmaster_pid().await {
-            self.kill("-INT", &pid).await;
+            self.kill(signal, &pid).await;
         }
         let exited = tokio::time::timeout(STOPPED_WITHIN, server.wait()).await;
         self.tell_guard("stopped").await;

@@ -848,6 +848,39 @@ async fn resume_reports_incomplete_ranges_and_refuses_misuse() {
     assert_eq!(ws.expect_close(SOON).await.0, 4001);
 }
 
+/// Part of the history deleted, newer rows kept (a DELETE by hand, as the sweep's prefix would be): a resume from
+/// inside the deleted part is `complete: false`, one from its end replays what is left, `complete: true`
+/// (`nudge.retention.deleted_through`, moved by the trigger on every DELETE).
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_from_inside_a_deleted_prefix_is_incomplete_and_from_its_end_complete() {
+    let db = TestDb::new().await;
+    let pg = db.client().await;
+    let nudge = Nudge::start(&db.url, &[]).await;
+    let mut watcher = authed(&nudge, "r", &["t"]).await;
+    watcher.subscribe("t").await;
+    let ids = insert_many(&pg, "t", 4).await;
+    assert_eq!(watcher.recv_event_ids(4, SOON).await, ids);
+    let seq_of = |id: i64| {
+        let pg = &pg;
+        async move { pg.query_one("SELECT seq FROM nudge.events WHERE id = $1", &[&id]).await.unwrap().get::<_, i64>(0) }
+    };
+    let (first, second) = (seq_of(ids[0]).await, seq_of(ids[1]).await);
+    pg.execute("DELETE FROM nudge.events WHERE seq <= $1", &[&second]).await.unwrap();
+
+    let mut ws = connect_and_resume(&nudge, "r", &["t"], first, "inside").await;
+    ws.recv_type("ready").await;
+    ws.recv_type("subscribed").await;
+    let resumed = ws.recv_type("resumed").await;
+    assert_eq!((resumed["complete"].clone(), resumed["replayed"].clone()), (json!(false), json!(0)), "{resumed}");
+
+    let mut ws = connect_and_resume(&nudge, "r", &["t"], second, "end").await;
+    ws.recv_type("ready").await;
+    ws.recv_type("subscribed").await;
+    assert_eq!(ws.recv_event_ids(2, SOON).await, ids[2..].to_vec());
+    let resumed = ws.recv_type("resumed").await;
+    assert_eq!((resumed["complete"].clone(), resumed["replayed"].clone()), (json!(true), json!(2)), "{resumed}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. nudge status
 // ---------------------------------------------------------------------------------------------

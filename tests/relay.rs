@@ -615,7 +615,7 @@ impl Claimer {
     }
 
     async fn claim_and_keep(&self, expected: usize) {
-        let claimed = self.client.query("SELECT * FROM nudge.claim(1000, 3600, false)", &[]).await.unwrap();
+        let claimed = self.client.query("SELECT * FROM nudge.claim(1000, 3600, false, false)", &[]).await.unwrap();
         assert_eq!(claimed.len(), expected);
     }
 

@@ -70,6 +70,7 @@ async fn a_producer_publishes_with_the_usual_statements_and_can_do_nothing_else(
         "DELETE FROM nudge.events",
         "TRUNCATE nudge.events",
         "SELECT * FROM nudge.claim(10, 300, false)",
+        "SELECT * FROM nudge.claim(10, 300, false, true)",
         "SELECT * FROM nudge.delivery",
         "UPDATE nudge.delivery SET last_seq = last_seq + 1000",
         "SELECT * FROM nudge.nodes",
@@ -103,6 +104,7 @@ async fn the_runtime_role_runs_nudge_and_cannot_change_the_schema() {
         "ALTER TABLE nudge.events DISABLE TRIGGER events_internal_columns",
         "ALTER TABLE nudge.events DROP CONSTRAINT events_data_size",
         "ALTER FUNCTION nudge.claim(bigint, double precision, boolean) RESET ALL",
+        "ALTER FUNCTION nudge.claim(bigint, double precision, boolean, boolean) RESET ALL",
         "DROP TABLE nudge.nodes",
         "DROP FUNCTION nudge.publish(text, text, text[], jsonb)",
         "DROP SCHEMA nudge CASCADE",
@@ -181,6 +183,10 @@ async fn the_runtime_role_claims_delivers_resumes_and_deletes_after_the_retentio
         "the retention sweep to delete the processed row",
         pg.query_one("SELECT count(*) FROM nudge.events", &[]).await.unwrap().get::<_, i64>(0) == 0
     );
+    // The sweep, as the runtime role, moved the mark `resume` reads (trigger events_deleted).
+    let deleted: i64 = pg.query_one("SELECT deleted_through FROM nudge.retention", &[]).await.unwrap().get(0);
+    let last: i64 = pg.query_one("SELECT last_seq FROM nudge.delivery", &[]).await.unwrap().get(0);
+    assert_eq!(deleted, last);
     assert!(!nudge.log().contains("permission denied"), "{}", nudge.log());
     assert_eq!(nudge.get("/readyz").await.0, 200);
 }

@@ -5,7 +5,8 @@
 //!    no relay holds the wake gate) and its COMMIT returns; a LISTEN session reads the notification. Timed from
 //!    the COMMIT's reply, the reference every latency of nudge-bench starts from, to the notification's arrival
 //!    (0 when the notification arrived first, counted as `early`);
-//! 2. one claim statement, `SELECT * FROM nudge.claim(1, …)`, on the already open LISTEN session, taking that row.
+//! 2. one claim statement, `SELECT * FROM nudge.claim(1, …)`, on the already open LISTEN session, taking that row
+//!    (committing as `--claim-commit` says: durable, or without waiting for the WAL flush).
 //!
 //! Their sum per sample is the floor a delivery's commit-to-client latency is compared with: what nudge adds on top
 //! is routing, the WebSocket write and the client's read. The table must hold no other pending row (the bench
@@ -23,7 +24,13 @@ use crate::stats::{new_histogram, now_us, percentile_ms};
 /// Samples measured but not counted: the first statements of a session plan and warm the caches.
 const WARMUP: u64 = 10;
 
-pub async fn run(database_url: &str, samples: u64, pause: Duration) -> Result<serde_json::Value, String> {
+/// `commit_async`: claim as `NUDGE_CLAIM_COMMIT=async` does, without waiting for the WAL flush.
+pub async fn run(
+    database_url: &str,
+    samples: u64,
+    pause: Duration,
+    commit_async: bool,
+) -> Result<serde_json::Value, String> {
     let samples = if samples == 0 { 200 } else { samples };
     // The LISTEN session: its connection is driven here, so that notifications arrive with their receive time.
     let (listener, mut connection) =
@@ -67,8 +74,8 @@ pub async fn run(database_url: &str, samples: u64, pause: Duration) -> Result<se
         )
         .await
         .map_err(|e| e.to_string())?;
-    // As nudge calls it (src/db/events.rs): batch, max_age in seconds, tell_others.
-    let claim = listener.prepare("SELECT * FROM nudge.claim($1, $2, $3)").await.map_err(|e| e.to_string())?;
+    // As nudge calls it (src/db/events.rs): batch, max_age in seconds, tell_others, commit_async.
+    let claim = listener.prepare("SELECT * FROM nudge.claim($1, $2, $3, $4)").await.map_err(|e| e.to_string())?;
 
     let (mut notify, mut claims, mut sums, mut insert_to_notify) =
         (new_histogram(), new_histogram(), new_histogram(), new_histogram());
@@ -82,11 +89,14 @@ pub async fn run(database_url: &str, samples: u64, pause: Duration) -> Result<se
         let Ok(Some(arrived)) = tokio::time::timeout(Duration::from_secs(5), notifications.recv()).await else {
             // No notification (a relay holds the wake gate?): claim the row anyway, count the sample as missed.
             missed += 1;
-            listener.query(&claim, &[&1i64, &3600.0f64, &false]).await.map_err(|e| e.to_string())?;
+            listener.query(&claim, &[&1i64, &3600.0f64, &false, &commit_async]).await.map_err(|e| e.to_string())?;
             continue;
         };
         let claim_start = now_us();
-        let rows = listener.query(&claim, &[&1i64, &3600.0f64, &false]).await.map_err(|e| format!("claim: {e}"))?;
+        let rows = listener
+            .query(&claim, &[&1i64, &3600.0f64, &false, &commit_async])
+            .await
+            .map_err(|e| format!("claim: {e}"))?;
         let claim_end = now_us();
         if rows.len() != 1 || rows[0].get::<_, Option<i64>>(1) != Some(id) {
             return Err(format!("floor: the claim returned {} rows, not the row {id} just inserted", rows.len()));
@@ -122,6 +132,7 @@ pub async fn run(database_url: &str, samples: u64, pause: Duration) -> Result<se
     );
     Ok(json!({
         "mode": "floor",
+        "claim_commit": if commit_async { "async" } else { "durable" },
         "connections": 0,
         "samples": sums.len(),
         "pause_ms": pause.as_secs_f64() * 1e3,

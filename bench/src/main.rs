@@ -158,6 +158,10 @@ pub struct Args {
     /// crowd). 0: every connection receives events.
     #[arg(long, default_value_t = 0)]
     active: usize,
+    /// Floor mode: how the claim commits, as nudge's own option: `async` measures the floor of
+    /// `NUDGE_CLAIM_COMMIT=async` (no WAL flush in the claim).
+    #[arg(long, env = "NUDGE_CLAIM_COMMIT", default_value = "durable", value_parser = ["durable", "async"])]
+    claim_commit: String,
     /// Wakeup mode with --pause, and floor mode: this many events (samples); 0 = until --duration (floor: 200).
     #[arg(long, default_value_t = 0)]
     count: u64,
@@ -560,7 +564,8 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
     }
     if args.mode == Mode::Floor {
         let pause = args.pause.unwrap_or(Duration::from_millis(10));
-        return floor::run(args.database_url.as_deref().unwrap_or_default(), args.count, pause).await;
+        let commit_async = args.claim_commit == "async";
+        return floor::run(args.database_url.as_deref().unwrap_or_default(), args.count, pause, commit_async).await;
     }
     let workers = if args.connections == 0 { 0 } else { args.workers.min(args.connections) };
     let per_process = args.connections.div_ceil(workers.max(1));

@@ -6,6 +6,10 @@
 //! takes numbers. So when a reader's snapshot shows seq N, every seq below N was committed before it and is
 //! visible too: "read everything past my cursor, in seq order" never skips a row, however producers commit.
 //!
+//! Numbers are consecutive except at one place: the first claim after PostgreSQL (re)started or failed over skips
+//! 1,000,000,000 (sql/0008_claim_commit.sql), so that seqs a lost commit handed out are never handed out again.
+//! Nothing is ever numbered inside the skip, so readers need not know about it.
+//!
 //! Every query goes through `query_typed` (no named prepared statements), so the pool URL may point at PgBouncer
 //! in transaction mode.
 
@@ -140,16 +144,28 @@ pub struct Undecodable {
     pub reason: String,
 }
 
-/// Claim up to `limit` pending rows and number the deliverable ones; with `tell_others`, NOTIFY every node:
-/// `nudge.claim()` in sql/0003_wake_gate.sql (a function, so its plan is cached per session), with the planner
-/// settings of sql/0005_claim_by_key.sql (that plan always goes through the primary key). One statement, so one
-/// transaction: a crash before commit leaves the rows pending.
-pub async fn claim_batch(pool: &Pool, limit: i64, max_age: Duration, tell_others: bool) -> Result<Claimed, QueryError> {
+/// Claim up to `limit` pending rows and number the deliverable ones; with `tell_others`, NOTIFY every node; with
+/// `commit_async`, without waiting for the WAL flush (`NUDGE_CLAIM_COMMIT=async`): `nudge.claim()` in
+/// sql/0008_claim_commit.sql (a function, so its plan is cached per session), with the planner settings of
+/// sql/0005_claim_by_key.sql (that plan always goes through the primary key). One statement, so one transaction: a
+/// crash before commit leaves the rows pending.
+pub async fn claim_batch(
+    pool: &Pool,
+    limit: i64,
+    max_age: Duration,
+    tell_others: bool,
+    commit_async: bool,
+) -> Result<Claimed, QueryError> {
     let client = pool.get().await?;
     let rows = client
         .query_typed(
-            "SELECT * FROM nudge.claim($1, $2, $3)",
-            &[(&limit, Type::INT8), (&max_age.as_secs_f64(), Type::FLOAT8), (&tell_others, Type::BOOL)],
+            "SELECT * FROM nudge.claim($1, $2, $3, $4)",
+            &[
+                (&limit, Type::INT8),
+                (&max_age.as_secs_f64(), Type::FLOAT8),
+                (&tell_others, Type::BOOL),
+                (&commit_async, Type::BOOL),
+            ],
         )
         .await?;
     let batch = Batch::decode(&rows);
@@ -212,11 +228,11 @@ pub const REPLAY: &str = concat!(
 
 /// One user's events in (since, until], personal or on one of `topics`, at most `limit`, in seq order.
 ///
-/// The range is checked first, with two index lookups: a `since` beyond the cluster's last seq, or below the
-/// oldest seq still stored (retention), is answered `complete: false` without reading any event. The events are
-/// then found through indexes of their own (schema version 6): personal ones through `events_recipients` (GIN),
-/// topic ones through `events_topic_seq`, so a replay costs this user's and these topics' events, not the
-/// history of everyone else.
+/// The range is checked first, with three single-row lookups: a `since` beyond the cluster's last seq, or below
+/// what the retention deleted (`nudge.retention`, schema version 8), is answered `complete: false` without reading
+/// any event. The events are then found through indexes of their own (schema version 6): personal ones through
+/// `events_recipients` (GIN), topic ones through `events_topic_seq`, so a replay costs this user's and these
+/// topics' events, not the history of everyone else.
 pub async fn replay(
     pool: &Pool,
     user: &str,
@@ -228,12 +244,12 @@ pub async fn replay(
     let client = pool.get().await?;
     let bounds = client
         .query_typed_one(
-            "SELECT (SELECT last_seq FROM nudge.delivery), \
-             (SELECT seq FROM nudge.events WHERE seq IS NOT NULL ORDER BY seq LIMIT 1)",
+            "SELECT (SELECT last_seq FROM nudge.delivery), (SELECT deleted_through FROM nudge.retention), \
+             EXISTS (SELECT 1 FROM nudge.events WHERE seq IS NOT NULL)",
             &[],
         )
         .await?;
-    let (last, oldest): (i64, Option<i64>) = (bounds.get(0), bounds.get(1));
+    let (last, deleted_through, any_stored): (i64, i64, bool) = (bounds.get(0), bounds.get(1), bounds.get(2));
     if since > last {
         // Another database's seq: nothing here can be trusted to continue it.
         return Ok(Replay { events: Vec::new(), complete: false, skip_through: until, reached: until });
@@ -241,9 +257,10 @@ pub async fn replay(
     if since >= until {
         return Ok(Replay { events: Vec::new(), complete: true, skip_through: since, reached: until });
     }
-    // Everything in (since, oldest) was deleted after the retention (or nothing is stored at all while the
-    // cluster handed out seqs past `since`): the client must refetch, and a partial replay would not spare it.
-    if oldest.is_none_or(|oldest| since + 1 < oldest) {
+    // Part of (since, until] was deleted after the retention; or nothing is stored at all while the cluster handed
+    // out seqs past `since` (emptied by a TRUNCATE, which no trigger sees). The client must refetch, and a partial
+    // replay would not spare it. (The oldest stored seq cannot tell: numbering skips after a PostgreSQL restart.)
+    if since < deleted_through || !any_stored {
         return Ok(Replay { events: Vec::new(), complete: false, skip_through: until, reached: until });
     }
     let fetch = limit + 1;
@@ -272,7 +289,8 @@ pub async fn replay(
 pub const DELETE_BATCH: i64 = 1000;
 
 /// Numbered rows are deleted as a prefix in seq order: everything up to the seq of the last row processed before
-/// the cutoff, so "the oldest stored seq" tells `replay` exactly what is gone. (Claims that commit close together
+/// the cutoff, so `nudge.retention.deleted_through` (moved by a trigger on every DELETE) tells `replay` exactly what
+/// is gone. (Claims that commit close together
 /// can number and timestamp in opposite orders, by milliseconds: a row just past that seq waits for the next sweep.)
 ///
 /// Every lookup goes through an index, so a sweep costs the rows it deletes, not the rows the table keeps: the

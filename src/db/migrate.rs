@@ -29,6 +29,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 5, name: "0005_claim_by_key.sql", sql: include_str!("../../sql/0005_claim_by_key.sql") },
     Migration { version: 6, name: "0006_safe_rows.sql", sql: include_str!("../../sql/0006_safe_rows.sql") },
     Migration { version: 7, name: "0007_presence.sql", sql: include_str!("../../sql/0007_presence.sql") },
+    Migration { version: 8, name: "0008_claim_commit.sql", sql: include_str!("../../sql/0008_claim_commit.sql") },
 ];
 
 /// Advisory lock key: "nudge" in ASCII, so it is recognisable in `pg_locks`.

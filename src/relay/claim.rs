@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::Relay;
+use crate::config::ClaimCommit;
 use crate::db::events::{self, Claimed};
 use crate::db::gate::{self, Gate};
 use crate::db::{within, Backoff, ConnectError, Database, QueryError};
@@ -130,7 +131,12 @@ impl Relay {
     /// Claim whenever woken, until shutdown; see `Phase`. Claims route nothing themselves: each batch goes to
     /// this node's delivery loop, and every other node reads it.
     pub async fn run_claims(&self, shutdown: Shutdown) {
-        let store = Postgres { pool: &self.pool, gate: &self.gate_database, statement_timeout: self.statement_timeout };
+        let store = Postgres {
+            pool: &self.pool,
+            gate: &self.gate_database,
+            statement_timeout: self.statement_timeout,
+            commit_async: self.settings.claim_commit == ClaimCommit::Async,
+        };
         self.claim_loop(&store, shutdown).await;
     }
 
@@ -345,13 +351,15 @@ struct Postgres<'a> {
     gate: &'a Database,
     /// `NUDGE_STATEMENT_TIMEOUT`.
     statement_timeout: Duration,
+    /// `NUDGE_CLAIM_COMMIT=async`: claims commit without waiting for their WAL flush.
+    commit_async: bool,
 }
 
 impl ClaimStore for Postgres<'_> {
     type Gate = Gate;
 
     async fn claim(&self, limit: i64, max_age: Duration, tell_others: bool) -> Result<Claimed, QueryError> {
-        let claim = events::claim_batch(self.pool, limit, max_age, tell_others);
+        let claim = events::claim_batch(self.pool, limit, max_age, tell_others, self.commit_async);
         within(self.pool, self.statement_timeout, claim).await
     }
 
@@ -542,6 +550,7 @@ mod tests {
             settings: RelaySettings {
                 poll_interval: Duration::from_secs(3600),
                 claim_batch,
+                claim_commit: ClaimCommit::Durable,
                 awake_above: AWAKE_ABOVE,
                 retention: Duration::from_secs(3600),
                 max_age: Duration::from_secs(3600),

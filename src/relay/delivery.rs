@@ -91,7 +91,8 @@ impl Relay {
     }
 
     /// Route the rows of a batch read back past the cursor, leaving out any the claim task routed meanwhile (the
-    /// read started from an older cursor; rows are gapless in seq, so what is left continues the cursor).
+    /// read started from an older cursor; no seq between two rows exists unread, so what is left continues the
+    /// cursor).
     pub(super) fn route_past_cursor(&self, batch: &events::Batch) {
         let _turn = self.routing.lock().unwrap_or_else(|e| e.into_inner());
         let cursor = self.hub.cursor();

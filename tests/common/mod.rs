@@ -1143,6 +1143,11 @@ impl OwnCluster {
         self.cluster.stop_server().await.unwrap_or_else(|e| panic!("stopping PostgreSQL: {e}"));
     }
 
+    /// Immediate shutdown: WAL still in the server's memory is lost, as in a crash (`Cluster::crash_server`).
+    pub async fn crash(&mut self) {
+        self.cluster.crash_server().await.unwrap_or_else(|e| panic!("crashing PostgreSQL: {e}"));
+    }
+
     /// Start again on the same port, waiting until it accepts connections.
     pub async fn start_again(&mut self) {
         self.cluster.start_server().await.unwrap_or_else(|e| panic!("restarting PostgreSQL: {e}"));
