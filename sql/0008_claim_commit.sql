@@ -13,7 +13,8 @@
 -- it is no longer consecutive across a restart.
 --
 -- With gaps in the numbering, "the oldest seq still stored" no longer tells `resume` what the retention deleted:
--- nudge.retention now records it (`deleted_through`, kept by a trigger on every DELETE, whoever runs it).
+-- nudge.retention now records it (`deleted_through`, kept by triggers on every DELETE and TRUNCATE, whoever runs
+-- it).
 --
 -- And nudge.claim() takes a fourth argument: `commit_async` makes that claim's transaction commit with
 -- `synchronous_commit = off` (NUDGE_CLAIM_COMMIT=async): the claim no longer waits for its WAL flush, at the price
@@ -52,6 +53,21 @@ $$;
 REVOKE ALL ON FUNCTION nudge.note_deleted() FROM PUBLIC;
 CREATE TRIGGER events_deleted AFTER DELETE ON nudge.events
     REFERENCING OLD TABLE AS deleted_rows FOR EACH STATEMENT EXECUTE FUNCTION nudge.note_deleted();
+
+-- A TRUNCATE deletes without a DELETE trigger seeing it: everything handed out so far is gone. Its lock keeps
+-- every claim out meanwhile, so last_seq is the last seq the truncated rows can have had.
+CREATE FUNCTION nudge.note_truncated() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE nudge.retention r SET deleted_through = d.last_seq
+    FROM nudge.delivery d
+    WHERE d.last_seq > r.deleted_through;
+    RETURN NULL;
+END
+$$;
+REVOKE ALL ON FUNCTION nudge.note_truncated() FROM PUBLIC;
+CREATE TRIGGER events_truncated AFTER TRUNCATE ON nudge.events
+    FOR EACH STATEMENT EXECUTE FUNCTION nudge.note_truncated();
 
 CREATE FUNCTION nudge.claim(batch bigint, max_age double precision, tell_others boolean, commit_async boolean)
 RETURNS TABLE (seq bigint, id bigint, topic text, kind text, occurred_at text, recipients text[], data text)

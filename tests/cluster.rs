@@ -881,6 +881,37 @@ async fn resume_from_inside_a_deleted_prefix_is_incomplete_and_from_its_end_comp
     assert_eq!((resumed["complete"].clone(), resumed["replayed"].clone()), (json!(true), json!(2)), "{resumed}");
 }
 
+/// A TRUNCATE, then new events: a resume from before the TRUNCATE is `complete: false` although events are
+/// stored again (`events_truncated` moved `deleted_through` to the last seq handed out); one from the last seq
+/// before it replays the new events, `complete: true`.
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_from_before_a_truncate_is_incomplete_even_with_new_events_stored() {
+    let db = TestDb::new().await;
+    let pg = db.client().await;
+    let nudge = Nudge::start(&db.url, &[]).await;
+    let mut watcher = authed(&nudge, "r", &["t"]).await;
+    watcher.subscribe("t").await;
+    let old = insert_many(&pg, "t", 3).await;
+    assert_eq!(watcher.recv_event_ids(3, SOON).await, old);
+    let last_before: i64 = pg.query_one("SELECT last_seq FROM nudge.delivery", &[]).await.unwrap().get(0);
+    pg.execute("TRUNCATE nudge.events", &[]).await.unwrap();
+    let new = insert_many(&pg, "t", 2).await;
+    assert_eq!(watcher.recv_event_ids(2, SOON).await, new);
+
+    let mut ws = connect_and_resume(&nudge, "r", &["t"], last_before - 2, "before").await;
+    ws.recv_type("ready").await;
+    ws.recv_type("subscribed").await;
+    let resumed = ws.recv_type("resumed").await;
+    assert_eq!((resumed["complete"].clone(), resumed["replayed"].clone()), (json!(false), json!(0)), "{resumed}");
+
+    let mut ws = connect_and_resume(&nudge, "r", &["t"], last_before, "after").await;
+    ws.recv_type("ready").await;
+    ws.recv_type("subscribed").await;
+    assert_eq!(ws.recv_event_ids(2, SOON).await, new);
+    let resumed = ws.recv_type("resumed").await;
+    assert_eq!((resumed["complete"].clone(), resumed["replayed"].clone()), (json!(true), json!(2)), "{resumed}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. nudge status
 // ---------------------------------------------------------------------------------------------

@@ -257,9 +257,10 @@ pub async fn replay(
     if since >= until {
         return Ok(Replay { events: Vec::new(), complete: true, skip_through: since, reached: until });
     }
-    // Part of (since, until] was deleted after the retention; or nothing is stored at all while the cluster handed
-    // out seqs past `since` (emptied by a TRUNCATE, which no trigger sees). The client must refetch, and a partial
-    // replay would not spare it. (The oldest stored seq cannot tell: numbering skips after a PostgreSQL restart.)
+    // Part of (since, until] was deleted (the retention, a DELETE or TRUNCATE: their triggers move
+    // `deleted_through`); or nothing is stored at all while the cluster handed out seqs past `since` (a delete with
+    // triggers disabled, which no trigger sees). The client must refetch, and a partial replay would not spare it.
+    // (The oldest stored seq cannot tell: numbering skips after a PostgreSQL restart.)
     if since < deleted_through || !any_stored {
         return Ok(Replay { events: Vec::new(), complete: false, skip_through: until, reached: until });
     }
