@@ -719,6 +719,28 @@ async fn connect_and_resume(nudge: &Nudge, user: &str, topics: &[&str], since: i
     ws
 }
 
+/// `connect_and_resume`, then its `ready` (for `user`) and one `subscribed` per topic: what comes next is the
+/// replay, then `resumed`.
+async fn resume_opened(nudge: &Nudge, user: &str, topics: &[&str], since: i64, reference: &str) -> Ws {
+    let mut ws = connect_and_resume(nudge, user, topics, since, reference).await;
+    assert_eq!(ws.recv_type("ready").await["user"], user);
+    for _ in topics {
+        ws.recv_type("subscribed").await;
+    }
+    ws
+}
+
+/// The next message is `resumed` with these `complete` and `replayed`; returns it.
+async fn expect_resumed(ws: &mut Ws, complete: bool, replayed: u64) -> Value {
+    let resumed = ws.recv_type("resumed").await;
+    assert_eq!(
+        (resumed["complete"].clone(), resumed["replayed"].clone()),
+        (json!(complete), json!(replayed)),
+        "{resumed}"
+    );
+    resumed
+}
+
 /// Personal for `r`, topic `t`, and noise (`other`, personal for `x`).
 fn mixed_t_r(rng: &mut Rng) -> Target {
     match rng.range(0, 9) {
@@ -807,12 +829,8 @@ async fn resume_reports_incomplete_ranges_and_refuses_misuse() {
     assert_eq!(last, 5);
 
     // Since an old seq whose rows are gone: incomplete.
-    let mut ws = connect_and_resume(b, "r", &["t"], 1, "old").await;
-    assert_eq!(ws.recv_type("ready").await["user"], "r");
-    ws.recv_type("subscribed").await;
-    let resumed = ws.recv_type("resumed").await;
-    assert_eq!(resumed["complete"], false, "{resumed}");
-    assert_eq!(resumed["replayed"], 0, "{resumed}");
+    let mut ws = resume_opened(b, "r", &["t"], 1, "old").await;
+    let resumed = expect_resumed(&mut ws, false, 0).await;
     assert_eq!(resumed["ref"], "old", "{resumed}");
 
     // Resume twice: the second is refused, the connection stays.
@@ -822,19 +840,12 @@ async fn resume_reports_incomplete_ranges_and_refuses_misuse() {
     ws.ping().await;
 
     // Since the last seq: nothing missed, complete.
-    let mut ws = connect_and_resume(a, "r", &["t"], last, "now").await;
-    ws.recv_type("ready").await;
-    ws.recv_type("subscribed").await;
-    let resumed = ws.recv_type("resumed").await;
-    assert_eq!((resumed["complete"].clone(), resumed["replayed"].clone()), (json!(true), json!(0)), "{resumed}");
+    let mut ws = resume_opened(a, "r", &["t"], last, "now").await;
+    expect_resumed(&mut ws, true, 0).await;
 
     // Since beyond anything the cluster handed out (another database's seqs): incomplete.
-    let mut ws = connect_and_resume(b, "r", &["t"], last + 1000, "future").await;
-    ws.recv_type("ready").await;
-    ws.recv_type("subscribed").await;
-    let resumed = ws.recv_type("resumed").await;
-    assert_eq!(resumed["complete"], false, "{resumed}");
-    assert_eq!(resumed["replayed"], 0, "{resumed}");
+    let mut ws = resume_opened(b, "r", &["t"], last + 1000, "future").await;
+    expect_resumed(&mut ws, false, 0).await;
     // The client refetches everything; the live stream must not be silenced up to that foreign `since`.
     let id = insert_event(&pg, "t", "after.future.resume", "{}").await;
     let ev = ws.recv_json(SOON).await;
@@ -867,18 +878,12 @@ async fn resume_from_inside_a_deleted_prefix_is_incomplete_and_from_its_end_comp
     let (first, second) = (seq_of(ids[0]).await, seq_of(ids[1]).await);
     pg.execute("DELETE FROM nudge.events WHERE seq <= $1", &[&second]).await.unwrap();
 
-    let mut ws = connect_and_resume(&nudge, "r", &["t"], first, "inside").await;
-    ws.recv_type("ready").await;
-    ws.recv_type("subscribed").await;
-    let resumed = ws.recv_type("resumed").await;
-    assert_eq!((resumed["complete"].clone(), resumed["replayed"].clone()), (json!(false), json!(0)), "{resumed}");
+    let mut ws = resume_opened(&nudge, "r", &["t"], first, "inside").await;
+    expect_resumed(&mut ws, false, 0).await;
 
-    let mut ws = connect_and_resume(&nudge, "r", &["t"], second, "end").await;
-    ws.recv_type("ready").await;
-    ws.recv_type("subscribed").await;
+    let mut ws = resume_opened(&nudge, "r", &["t"], second, "end").await;
     assert_eq!(ws.recv_event_ids(2, SOON).await, ids[2..].to_vec());
-    let resumed = ws.recv_type("resumed").await;
-    assert_eq!((resumed["complete"].clone(), resumed["replayed"].clone()), (json!(true), json!(2)), "{resumed}");
+    expect_resumed(&mut ws, true, 2).await;
 }
 
 /// A TRUNCATE, then new events: a resume from before the TRUNCATE is `complete: false` although events are
@@ -898,18 +903,12 @@ async fn resume_from_before_a_truncate_is_incomplete_even_with_new_events_stored
     let new = insert_many(&pg, "t", 2).await;
     assert_eq!(watcher.recv_event_ids(2, SOON).await, new);
 
-    let mut ws = connect_and_resume(&nudge, "r", &["t"], last_before - 2, "before").await;
-    ws.recv_type("ready").await;
-    ws.recv_type("subscribed").await;
-    let resumed = ws.recv_type("resumed").await;
-    assert_eq!((resumed["complete"].clone(), resumed["replayed"].clone()), (json!(false), json!(0)), "{resumed}");
+    let mut ws = resume_opened(&nudge, "r", &["t"], last_before - 2, "before").await;
+    expect_resumed(&mut ws, false, 0).await;
 
-    let mut ws = connect_and_resume(&nudge, "r", &["t"], last_before, "after").await;
-    ws.recv_type("ready").await;
-    ws.recv_type("subscribed").await;
+    let mut ws = resume_opened(&nudge, "r", &["t"], last_before, "after").await;
     assert_eq!(ws.recv_event_ids(2, SOON).await, new);
-    let resumed = ws.recv_type("resumed").await;
-    assert_eq!((resumed["complete"].clone(), resumed["replayed"].clone()), (json!(true), json!(2)), "{resumed}");
+    expect_resumed(&mut ws, true, 2).await;
 }
 
 // ---------------------------------------------------------------------------------------------
